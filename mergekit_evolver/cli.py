@@ -1,0 +1,68 @@
+"""The `mergekit-evolver` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+
+import mergekit_evolver  # noqa: F401  (registers the plugin's merge methods)
+from mergekit_evolver.errors import UserError, exits_cleanly
+
+DEFAULT_TESTBED = Path(".testbed")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(mergekit_evolver.__version__, prog_name="mergekit-evolver")
+def main() -> None:
+    """Evolutionary search over mergekit merges, scored with lm-evaluation-harness."""
+
+
+@main.command("yaml", cls=PrettyPrintHelp)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False))
+@add_merge_options
+@exits_cleanly(debug=lambda kwargs: kwargs["merge_options"].verbosity > 0)
+def yaml_command(merge_options: MergeOptions, config_file: str, out_path: str) -> None:
+    """mergekit-yaml with the plugin's merge methods (de_rand1, ...) available.
+
+    Same options and same output as mergekit-yaml. Bad input ends in one line
+    and exit code 2; pass -v for the full traceback."""
+    from mergekit_evolver.merge import load_merge_config, merge_to_disk
+
+    merge_options.apply_global_options()
+    config, source = load_merge_config(config_file)
+    merge_to_disk(config, out_path, merge_options, config_source=source)
+
+
+@main.command("testbed")
+@click.argument("out_dir", type=click.Path(file_okay=False), default=str(DEFAULT_TESTBED))
+@click.option("--rebuild", is_flag=True, help="Build again even if OUT_DIR holds a complete testbed.")
+@exits_cleanly()
+def testbed_command(out_dir: str, rebuild: bool) -> None:
+    """Train the CPU testbed (base, specialists, lm-eval tasks) into OUT_DIR.
+
+    Deterministic; reuses a complete testbed already in OUT_DIR unless --rebuild."""
+    from mergekit_evolver.testbed import build_testbed
+
+    build_testbed(Path(out_dir), reuse=not rebuild)
+
+
+@main.command("demo")
+@click.option(
+    "--testbed",
+    "testbed_dir",
+    type=click.Path(file_okay=False),
+    default=str(DEFAULT_TESTBED),
+    show_default=True,
+    help="Where the testbed is built or reused.",
+)
+@exits_cleanly()
+def demo_command(testbed_dir: str) -> None:
+    """Build (or reuse) the testbed and print every model's score on every task."""
+    from mergekit_evolver.testbed import build_testbed
+
+    testbed = build_testbed(Path(testbed_dir), reuse=True)
+    if not testbed.table_text:
+        raise UserError(f"testbed in {testbed_dir} has no score table")

@@ -1,0 +1,1 @@
+"""Tensor-level merge methods registered with mergekit: pure math, no I/O."""

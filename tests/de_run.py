@@ -1,0 +1,31 @@
+"""Run DE configs through the real `mergekit-evolver yaml` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from click.testing import CliRunner
+
+from mergekit_evolver.cli import main
+
+
+def write_config(path: Path, method: str, x: Path, donors: list[Path], **params: Any) -> Path:
+    config = {
+        "merge_method": method,
+        "base_model": str(x),
+        "models": [{"model": str(d)} for d in donors],
+        "parameters": params,
+        "dtype": params.pop("dtype", "float32"),
+    }
+    if "out_dtype" in params:
+        config["out_dtype"] = params.pop("out_dtype")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_yaml(config: Path, out: Path, *extra: str):
+    """Invoke the CLI in-process; returns click's Result (exit_code, output)."""
+    args = ["yaml", str(config), str(out), "--no-copy-tokenizer", "--quiet", *extra]
+    return CliRunner().invoke(main, args, catch_exceptions=False)

@@ -1,0 +1,120 @@
+"""Bad input: one line naming the problem, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from de_run import run_yaml, write_config
+
+CLI = str(Path(sys.executable).parent / "mergekit-evolver")
+
+
+def rand1(tmp_path, population, **params):
+    params.setdefault("seed", 1)
+    return write_config(tmp_path / "c.yml", "de_rand1", population[0], population[1:4], **params)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"F": 3.0}, "F must be in [0.0, 2.0]; got 3.0"),
+        ({"F": -0.1}, "F must be in [0.0, 2.0]; got -0.1"),
+        ({"CR": 1.5}, "CR must be in [0.0, 1.0]; got 1.5"),
+        ({"CR": -0.2}, "CR must be in [0.0, 1.0]; got -0.2"),
+        ({"density": 0.0, "sparsify": "dare"}, "density must be in (0.0, 1.0]; got 0.0"),
+        ({"seed": -4}, "seed must be a non-negative integer; got -4"),
+        ({"crossover": "uniform"}, "crossover must be one of binomial, exponential; got 'uniform'"),
+        ({"granularity": "layer"}, "granularity must be one of element, row, tensor; got 'layer'"),
+        ({"sparsify": "ties"}, "sparsify must be one of none, dare, magnitude; got 'ties'"),
+        ({"seed": None}, "Missing required parameter seed"),
+    ],
+)
+def test_bad_parameter_is_named_before_anything_is_written(tmp_path, population, params, message):
+    if params.get("seed", 0) is None:
+        params.pop("seed")
+        config = write_config(tmp_path / "c.yml", "de_rand1", population[0], population[1:4])
+    else:
+        config = rand1(tmp_path, population, **params)
+    result = run_yaml(config, tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "method, n_donors, message",
+    [
+        ("de_rand1", 2, "de_rand1 needs exactly 3 donor model(s) (r1, r2, r3) besides base_model; got 2"),
+        ("de_best1", 4, "de_best1 needs exactly 3 donor model(s) (best, r1, r2) besides base_model; got 4"),
+        ("de_current_to_rand1", 2, "de_current_to_rand1 needs exactly 1 donor model(s) (r) besides base_model; got 2"),
+    ],
+)
+def test_wrong_number_of_donors(tmp_path, population, method, n_donors, message):
+    config = write_config(
+        tmp_path / "c.yml", method, population[0], population[1 : 1 + n_donors], seed=1
+    )
+    result = run_yaml(config, tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_base_model_names_the_target(tmp_path, population):
+    config = tmp_path / "c.yml"
+    config.write_text(
+        "merge_method: de_current_to_rand1\nparameters: {seed: 1}\nmodels:\n"
+        + "".join(f"  - model: {p}\n" for p in population[:2])
+    )
+    result = run_yaml(config, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "de_current_to_rand1 needs base_model: it is the target individual x" in result.output
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("merge_method: de_rand1\nmodels: [\n", "malformed YAML"),
+        ("- just\n- a list\n", "a merge config must be a YAML mapping"),
+        ("merge_method: de_rand1\nbogus_key: 1\nmodels: []\n", "bogus_key"),
+        ("merge_method: de_rand1\nbase_model: ./no/such/model\nmodels:\n  - model: ./nope\n",
+         "model path not found: ./no/such/model"),
+        ("merge_method: no_such_method\nmodels:\n  - model: {m}\n", "no_such_method"),
+    ],
+)
+def test_bad_config_files(tmp_path, population, text, message):
+    config = tmp_path / "c.yml"
+    config.write_text(text.format(m=population[0]))
+    result = run_yaml(config, tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_missing_config_file(tmp_path):
+    result = run_yaml(tmp_path / "absent.yml", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "absent.yml" in result.output
+
+
+def test_console_script_exits_2_without_traceback(tmp_path, population):
+    config = rand1(tmp_path, population, CR=7)
+    done = subprocess.run(
+        [CLI, "yaml", str(config), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "mergekit-evolver: error: CR must be in [0.0, 1.0]; got 7.0"
+    )
+
+
+def test_every_subcommand_has_help():
+    for command in ([], ["yaml"], ["testbed"], ["demo"]):
+        done = subprocess.run([CLI, *command, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0, command
+        assert "Usage:" in done.stdout
