@@ -36,6 +36,36 @@ def yaml_command(merge_options: MergeOptions, config_file: str, out_path: str) -
     merge_to_disk(config, out_path, merge_options, config_source=source)
 
 
+@main.command("evolve")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run dir: ledger, population, model, report.")
+@click.option("--resume", is_flag=True, help="Continue the run already in --out.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@exits_cleanly(debug=lambda kwargs: kwargs["verbose"])
+def evolve_command(config_file: str, run_dir: str, resume: bool, verbose: bool) -> None:
+    """Evolve a population of models (DE, the Evolver method) from CONFIG_FILE.
+
+    Selection sees dev tasks only; the final table is on the report tasks.
+    A run killed at any point continues with --resume to the same result."""
+    from mergekit_evolver.config import load_evolve_config
+    from mergekit_evolver.run import evolve
+
+    from tqdm import tqdm
+
+    # tqdm.write keeps log lines from tearing the progress bars.
+    evolve(load_evolve_config(config_file), Path(run_dir), resume=resume, log=tqdm.write)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@exits_cleanly()
+def report_command(run_dir: str) -> None:
+    """Print a run's result table and save its plots under RUN_DIR/report."""
+    from mergekit_evolver.report import report_from_run_dir
+
+    click.echo(report_from_run_dir(Path(run_dir)))
+
+
 @main.command("testbed")
 @click.argument("out_dir", type=click.Path(file_okay=False), default=str(DEFAULT_TESTBED))
 @click.option("--rebuild", is_flag=True, help="Build again even if OUT_DIR holds a complete testbed.")

@@ -6,25 +6,35 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
+from mergekit.architecture import get_architecture_info
 from mergekit.config import InputModelDefinition, MergeConfiguration
-from mergekit.merge import run_merge
+from mergekit.graph import Executor
+from mergekit.io.tasks import LoaderCache, ReturnTensor
+from mergekit.merge import _model_out_config, run_merge
 from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
 
 import mergekit_evolver  # noqa: F401  (the plugin's methods must be registered)
 from mergekit_evolver.errors import UserError
+
+StateDict = dict[str, torch.Tensor]
 
 
 def load_merge_config(path: str | os.PathLike) -> tuple[MergeConfiguration, str]:
     """Read and validate a mergekit YAML; returns the config and its source text."""
     source = Path(path).read_text(encoding="utf-8")
-    data = yaml.safe_load(source)
+    return parse_merge_config(yaml.safe_load(source), where=str(path)), source
+
+
+def parse_merge_config(data: object, where: str = "merge config") -> MergeConfiguration:
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a merge config must be a YAML mapping")
+        raise UserError(f"{where}: a merge config must be a YAML mapping")
     _check_known_keys(data)
     config = MergeConfiguration.model_validate(data)
-    _check_local_models(config, Path(path).parent)
-    return config, source
+    _check_local_models(config)
+    return config
 
 
 def _check_known_keys(data: dict) -> None:
@@ -45,7 +55,7 @@ def _refuse_unknown(data: dict, model: type, where: str) -> None:
         )
 
 
-def _check_local_models(config: MergeConfiguration, config_dir: Path) -> None:
+def _check_local_models(config: MergeConfiguration) -> None:
     """A path-like model reference that names no directory is a typo, not a
     hub id; say so before mergekit tries the hub with it."""
     for model in config.referenced_models():
@@ -63,3 +73,36 @@ def merge_to_disk(
 ) -> None:
     """Exactly what mergekit-yaml does, with the plugin's methods registered."""
     run_merge(config, str(out_path), options=options, config_source=config_source)
+
+
+def merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> StateDict:
+    """The merged state dict, through mergekit's planner and executor, with no
+    disk write.
+
+    mergekit 0.1.5's MergePlanner.plan_in_memory() raises: pydantic cannot
+    validate ReturnTensor's abstract Task[Tensor] field. This is the one place
+    that works around it, by planning with the planner's own _plan() and building
+    the ReturnTensor targets without that validation. The planner mutates its
+    config, so it gets a copy.
+    """
+    LoaderCache().setup(options)
+    arch_info = get_architecture_info(config, options)
+    out_config = _model_out_config(
+        config, arch_info, trust_remote_code=options.trust_remote_code
+    )
+    planner = MergePlanner(
+        config.model_copy(deep=True), arch_info, options=options, out_model_config=out_config
+    )
+    planner._plan()
+    targets = [
+        ReturnTensor.model_construct(
+            weight_info=weight, tensor_task=task, dtype=weight.force_dtype or config.out_dtype
+        )
+        for weight, task in planner._tensors
+    ]
+    executor = Executor(targets, math_device=options.device or "cpu", storage_device="cpu")
+    return {task.weight_info.name: value for task, value in executor.run(quiet=True)}
+
+
+def recipe_yaml(config: MergeConfiguration) -> str:
+    return config.to_yaml()

@@ -1,0 +1,168 @@
+"""Run configs (pydantic): all validation of what a user types lives here.
+
+Model paths expand ~ and environment variables (`${TESTBED}/base`), so one
+example config serves any testbed location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mergekit_evolver.errors import UserError
+from mergekit_evolver.methods.de import OPERATORS, F_RANGE
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def expand_path(value: str) -> str:
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+class TaskSpec(Strict):
+    """One lm-eval task in a fitness or report suite."""
+
+    name: str
+    metric: str = "acc"
+    weight: float = Field(1.0, gt=0)
+    # None: take it from the task's own metric_list.
+    higher_is_better: Optional[bool] = None
+    # Report rows average tasks by group (e.g. in_domain, ood).
+    group: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class EvalSettings(Strict):
+    include_path: list[str] = []
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    limit: Optional[float] = Field(None, gt=0)
+    batch_size: int = Field(64, ge=1)
+    apply_chat_template: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return [expand_path(v) for v in value] if isinstance(value, list) else value
+
+
+class FitnessConfig(EvalSettings):
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+
+class ReportConfig(Strict):
+    tasks: list[TaskSpec] = []
+    baselines: list[Literal["average", "task_arithmetic", "ties", "dare_ties"]] = [
+        "average",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+    ]
+
+
+class PopulationConfig(Strict):
+    models: list[str] = Field(min_length=2)
+    base_model: Optional[str] = None
+    # Extra individuals made by mergekit recipes over the models, by name.
+    # A recipe without `models`/`base_model` gets the population's.
+    recipes: dict[str, dict[str, Any]] = {}
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [expand_path(v["model"] if isinstance(v, dict) else v) for v in value]
+        return value
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base(cls, value: Any) -> Any:
+        return expand_path(value) if isinstance(value, str) else value
+
+
+class DEConfig(Strict):
+    operator: Literal[tuple(OPERATORS)] = "de_current_to_rand1"  # type: ignore[valid-type]
+    F: float = Field(0.5, ge=F_RANGE[0], le=F_RANGE[1])
+    CR: float = Field(0.5, ge=0.0, le=1.0)
+    crossover: Literal["binomial", "exponential"] = "binomial"
+    granularity: Literal["element", "row", "tensor"] = "element"
+    sparsify: Literal["none", "dare", "magnitude"] = "none"
+    density: float = Field(1.0, gt=0.0, le=1.0)
+    generations: int = Field(5, ge=1)
+
+    def method_parameters(self, seed: int) -> dict[str, Any]:
+        return {
+            "F": self.F,
+            "CR": self.CR,
+            "seed": seed,
+            "crossover": self.crossover,
+            "granularity": self.granularity,
+            "sparsify": self.sparsify,
+            "density": self.density,
+        }
+
+
+class SelectionConfig(Strict):
+    mode: Literal["individual", "merged"] = "individual"
+    # The mergekit recipe that merges the population in `merged` mode (and for
+    # `output: merged`); its models are filled in with the current population.
+    merger: dict[str, Any] = {"merge_method": "linear", "parameters": {"weight": 1.0}}
+
+
+class OutputConfig(Strict):
+    kind: Literal["best", "merged"] = "best"
+
+
+class EvolveConfig(Strict):
+    seed: int = Field(0, ge=0)
+    population: PopulationConfig
+    de: DEConfig = DEConfig()
+    selection: SelectionConfig = SelectionConfig()
+    fitness: FitnessConfig
+    report: ReportConfig = ReportConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _enough_members(self) -> "EvolveConfig":
+        needed = len(OPERATORS[self.de.operator][0]) + 1
+        size = len(self.population.models) + len(self.population.recipes)
+        if size < needed:
+            raise ValueError(
+                f"de.operator {self.de.operator} needs a population of at least "
+                f"{needed} (x and {needed - 1} distinct donors); got {size}"
+            )
+        if self.selection.mode == "merged" or self.output.kind == "merged":
+            if "models" in self.selection.merger:
+                raise ValueError("selection.merger must not list models: the population fills them")
+        return self
+
+    def digest(self) -> str:
+        """Identity of a run: what a resume must agree with."""
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_evolve_config(path: str | os.PathLike) -> EvolveConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config not found: {path}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a run config must be a YAML mapping")
+    return EvolveConfig.model_validate(data)

@@ -1,0 +1,164 @@
+"""Run state in the run dir: every candidate, its lineage, scores and timings.
+
+SQLite from the standard library, WAL journal with synchronous=FULL: a
+committed row survives kill -9 and power loss. A run is a deterministic
+sequence of steps, each with a stable key ("g003/s01/offspring"); resume
+replays the steps whose decisions are recorded and computes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+LEDGER_FILE = "ledger.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    step TEXT UNIQUE NOT NULL,
+    generation INTEGER NOT NULL,
+    slot INTEGER,
+    role TEXT NOT NULL,
+    recipe TEXT,
+    parents TEXT NOT NULL,
+    operator TEXT,
+    F REAL,
+    CR REAL,
+    seed INTEGER,
+    content_hash TEXT,
+    status TEXT NOT NULL,
+    fitness REAL,
+    dev TEXT,
+    test TEXT,
+    member TEXT,
+    merge_s REAL,
+    eval_s REAL,
+    note TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fitness_cache (
+    content_hash TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    PRIMARY KEY (content_hash, suite)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    generation INTEGER PRIMARY KEY,
+    stats TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class Candidate:
+    """One row of the ledger: a recipe that was merged and (maybe) scored."""
+
+    step: str
+    generation: int
+    role: str  # member | offspring | baseline | final
+    status: str  # accepted | rejected | invalid | scored
+    slot: Optional[int] = None
+    recipe: Optional[str] = None
+    parents: list[str] = field(default_factory=list)
+    operator: Optional[str] = None
+    F: Optional[float] = None
+    CR: Optional[float] = None
+    seed: Optional[int] = None
+    content_hash: Optional[str] = None
+    fitness: Optional[float] = None
+    dev: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
+    member: Optional[str] = None
+    merge_s: Optional[float] = None
+    eval_s: Optional[float] = None
+    note: Optional[str] = None
+
+
+_JSON_FIELDS = ("parents", "dev", "test")
+
+
+class Ledger:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LEDGER_FILE
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta ---------------------------------------------------------------
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    # -- candidates ---------------------------------------------------------
+    def record(self, candidate: Candidate) -> None:
+        row = asdict(candidate)
+        for key in _JSON_FIELDS:
+            row[key] = json.dumps(row[key], sort_keys=True)
+        row["created"] = time.time()
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.db.execute(
+            f"INSERT OR REPLACE INTO candidates({columns}) VALUES({marks})",
+            tuple(row.values()),
+        )
+
+    def find(self, step: str) -> Optional[Candidate]:
+        rows = list(self._select("WHERE step=?", (step,)))
+        return rows[0] if rows else None
+
+    def candidates(self, role: Optional[str] = None) -> list[Candidate]:
+        if role is None:
+            return list(self._select("ORDER BY id", ()))
+        return list(self._select("WHERE role=? ORDER BY id", (role,)))
+
+    def _select(self, where: str, args: tuple) -> Iterator[Candidate]:
+        names = [f for f in Candidate.__dataclass_fields__]
+        cursor = self.db.execute(f"SELECT {', '.join(names)} FROM candidates {where}", args)
+        for values in cursor:
+            row = dict(zip(names, values))
+            for key in _JSON_FIELDS:
+                row[key] = json.loads(row[key]) if row[key] else ([] if key == "parents" else {})
+            yield Candidate(**row)
+
+    # -- fitness cache ------------------------------------------------------
+    def cached_scores(self, content_hash: str, suite: str) -> Optional[dict]:
+        row = self.db.execute(
+            "SELECT scores FROM fitness_cache WHERE content_hash=? AND suite=?",
+            (content_hash, suite),
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def cache_scores(self, content_hash: str, suite: str, scores: dict) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO fitness_cache(content_hash, suite, scores) VALUES(?, ?, ?)",
+            (content_hash, suite, json.dumps(scores, sort_keys=True)),
+        )
+
+    # -- generations --------------------------------------------------------
+    def record_generation(self, generation: int, stats: dict) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO generations(generation, stats) VALUES(?, ?)",
+            (generation, json.dumps(stats, sort_keys=True)),
+        )
+
+    def generations(self) -> list[dict]:
+        rows = self.db.execute("SELECT generation, stats FROM generations ORDER BY generation")
+        return [{"generation": g, **json.loads(s)} for g, s in rows]

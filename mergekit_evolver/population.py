@@ -1,0 +1,185 @@
+"""Individuals on disk (HF dirs of safetensors) and in memory, as mergekit models.
+
+Every individual is a mergekit ModelReference. On disk it is an ordinary HF
+model dir, read lazily by mergekit's loader. A candidate that is only in memory
+(an offspring being scored) is served to mergekit's graph by a MemoryLoader
+registered in mergekit's LoaderCache under a reference whose dir holds only
+config.json: recipes over it run through the same planner and executor, and
+nothing is written to disk to score it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import torch
+from mergekit.common import ModelReference
+from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex, ShardInfo
+from mergekit.io.tasks import LoaderCache
+from safetensors.torch import save_file
+
+StateDict = Mapping[str, torch.Tensor]
+
+# Files that travel with the weights so an individual is a complete HF model.
+_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def model_ref(path: str | os.PathLike) -> ModelReference:
+    return ModelReference.model_validate(str(path))
+
+
+def content_hash(state: StateDict) -> str:
+    """Identity of an individual's weights: name, dtype, shape and bytes of
+    every tensor, in name order."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def copy_side_files(source: Path, dest: Path) -> None:
+    for name in _SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+
+
+def write_individual(state: StateDict, dest: Path, like: Path) -> Path:
+    """Write an HF model dir atomically: into a temp dir beside dest, fsync'd,
+    then renamed, so a crash never leaves a half-written individual that a
+    resume would trust. Config and tokenizer files come from `like`."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest  # written before a crash; same seed, same content
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        copy_side_files(Path(like), tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        os.rename(tmp, dest)
+        _fsync(dest.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MemoryLoader(LazyTensorLoader):
+    """mergekit's loader interface over tensors already in memory."""
+
+    def __init__(self, state: StateDict, base_path: str):
+        keys = list(state)
+        index = ShardedTensorIndex(
+            base_path=base_path,
+            is_safetensors=True,
+            tensor_paths={k: "<memory>" for k in keys},
+            shards=[ShardInfo(filename="<memory>", contained_keys=keys)],
+        )
+        super().__init__(index, lazy_unpickle=False)
+        self._state = dict(state)
+
+    def get_tensor(
+        self,
+        key: str,
+        device: str = "cpu",
+        aliases: Optional[list[str]] = None,
+        raise_on_missing: bool = True,
+    ) -> Optional[torch.Tensor]:
+        for name in [key, *(aliases or [])]:
+            if name in self._state:
+                return self._state[name].to(device)
+        if raise_on_missing:
+            raise KeyError(key)
+        return None
+
+    def flush(self) -> None:
+        pass
+
+
+class MemorySlot:
+    """A reusable mergekit model reference whose weights live in memory.
+
+    Its dir holds config.json (mergekit reads the architecture from it);
+    `serve(state)` makes recipes over `self.ref` read `state`."""
+
+    def __init__(self, scratch: Path, like: Path, name: str = "in-memory"):
+        self.path = Path(scratch) / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(like) / "config.json", self.path / "config.json")
+        self.ref = model_ref(self.path)
+
+    def serve(self, state: StateDict) -> ModelReference:
+        LoaderCache().loaders[self.ref] = MemoryLoader(state, str(self.path))
+        return self.ref
+
+    def clear(self) -> None:
+        LoaderCache().loaders.pop(self.ref, None)
+
+
+def release_loaders(keep: Iterable[ModelReference] = ()) -> None:
+    """Drop mergekit's open shard maps, so the pages of members read for one
+    candidate do not stay resident while the next is scored."""
+    cache = LoaderCache()
+    keep = set(keep)
+    for ref, loader in list(cache.loaders.items()):
+        if ref not in keep:
+            loader.flush()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from the safetensors headers, without reading weights."""
+    from safetensors import safe_open
+
+    shards = sorted(Path(model_dir).glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def architecture(model_dir: Path) -> str:
+    config = read_json(Path(model_dir) / "config.json")
+    return ",".join(config.get("architectures") or [config.get("model_type", "?")])
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an on-disk individual (safetensors only: never unpickle)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    return state

@@ -1,0 +1,101 @@
+"""Candidates as mergekit recipes: DE offspring, population mergers, baselines.
+
+Every candidate a run scores is one of these configs, merged by merge.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from mergekit.config import MergeConfiguration
+
+from mergekit_evolver.merge import parse_merge_config
+
+MERGE_DTYPE = "float32"
+
+# Baselines, each with a small grid chosen on dev fitness like everything else.
+BASELINES: dict[str, tuple[str, list[dict[str, Any]]]] = {
+    "average": ("linear", [{"weight": 1.0}]),
+    "task_arithmetic": (
+        "task_arithmetic",
+        [{"weight": w} for w in (0.3, 0.5, 0.7, 1.0)],
+    ),
+    "ties": (
+        "ties",
+        [{"weight": 1.0, "density": d} for d in (0.3, 0.5, 0.7)],
+    ),
+    "dare_ties": (
+        "dare_ties",
+        [{"weight": 1.0, "density": d} for d in (0.3, 0.5, 0.7)],
+    ),
+}
+NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties"}
+
+
+def _alias(path: str, taken: set[str]) -> str:
+    """mergekit refuses the same model twice in one recipe; a best/1 target that
+    is also the best donor gets a second spelling of the same dir."""
+    while path in taken:
+        path = path.rstrip("/") + "/."
+    taken.add(path)
+    return path
+
+
+def de_recipe(
+    operator: str,
+    target: Path,
+    donors: Sequence[Path],
+    parameters: dict[str, Any],
+) -> MergeConfiguration:
+    taken: set[str] = set()
+    base = _alias(str(target), taken)
+    return parse_merge_config(
+        {
+            "merge_method": operator,
+            "base_model": base,
+            "models": [{"model": _alias(str(d), taken)} for d in donors],
+            "parameters": dict(parameters),
+            "dtype": MERGE_DTYPE,
+        },
+        where=f"{operator} recipe",
+    )
+
+
+def population_recipe(
+    template: dict[str, Any],
+    members: Sequence[Path],
+    base_model: Optional[str],
+    where: str,
+) -> MergeConfiguration:
+    """A mergekit config over the given members; `template` supplies the method
+    and its parameters, and may name a base_model (else the population's)."""
+    data = dict(template)
+    data["models"] = [{"model": str(m)} for m in members]
+    if base_model and "base_model" not in data and data.get("merge_method") != "linear":
+        data["base_model"] = base_model
+    data.setdefault("dtype", MERGE_DTYPE)
+    return parse_merge_config(data, where=where)
+
+
+def baseline_recipes(
+    name: str, members: Sequence[Path], base_model: Optional[str]
+) -> list[MergeConfiguration]:
+    method, grid = BASELINES[name]
+    return [
+        population_recipe(
+            {"merge_method": method, "parameters": params},
+            members,
+            base_model,
+            where=f"baseline {name}",
+        )
+        for params in grid
+    ]
+
+
+def single_model_recipe(model: Path) -> MergeConfiguration:
+    """The recipe that writes one model unchanged through mergekit's writer."""
+    return parse_merge_config(
+        {"merge_method": "passthrough", "models": [{"model": str(model)}], "dtype": MERGE_DTYPE},
+        where="output",
+    )

@@ -1,0 +1,411 @@
+"""A weight-space evolution run: ask -> merge -> score -> tell -> ledger.
+
+Every step has a stable key. A step whose decision is in the ledger is
+replayed from it; any other step is computed. Since the computation is
+deterministic, a run killed at any moment and resumed ends exactly where an
+uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+from tqdm import tqdm
+
+from mergekit_evolver.config import EvolveConfig
+from mergekit_evolver.errors import UserError
+from mergekit_evolver.evaluation import Evaluator, Suite, resolve_device
+from mergekit_evolver.ledger import LEDGER_FILE, Candidate, Ledger
+from mergekit_evolver.merge import merge_in_memory, merge_to_disk, recipe_yaml
+from mergekit_evolver.population import (
+    MemorySlot,
+    architecture,
+    load_state,
+    release_loaders,
+    tensor_shapes,
+    write_individual,
+)
+from mergekit_evolver.recipes import (
+    NEEDS_BASE,
+    baseline_recipes,
+    de_recipe,
+    population_recipe,
+    single_model_recipe,
+)
+from mergekit_evolver.search.evolver import Evolver
+
+Log = Callable[[str], None]
+CONFIG_FILE = "run.yml"
+GENERATIONS_LOG = "generations.jsonl"
+
+
+@dataclass
+class Member:
+    id: str
+    path: Path
+    fitness: Optional[float] = None
+
+
+def check_models(config: EvolveConfig) -> None:
+    """Same architecture and tensor shapes everywhere, or one line saying where not."""
+    paths = list(config.population.models)
+    if config.population.base_model:
+        paths.append(config.population.base_model)
+    for path in paths:
+        if not Path(path).is_dir():
+            raise UserError(f"model path not found: {path}")
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"not a HF model dir (no config.json): {path}")
+    first = paths[0]
+    arch, shapes = architecture(Path(first)), tensor_shapes(Path(first))
+    for path in paths[1:]:
+        if architecture(Path(path)) != arch:
+            raise UserError(
+                f"models differ in architecture: {first} is {arch}, "
+                f"{path} is {architecture(Path(path))}"
+            )
+        other = tensor_shapes(Path(path))
+        if set(other) != set(shapes):
+            diff = sorted(set(other) ^ set(shapes))
+            raise UserError(f"models differ in tensors: {first} vs {path}: {diff[:3]}")
+        for name, shape in shapes.items():
+            if other[name] != shape:
+                raise UserError(
+                    f"models differ in tensor shape: {name} is {list(shape)} in {first} "
+                    f"but {list(other[name])} in {path}"
+                )
+
+
+def prepare_run_dir(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
+    """A new run needs an empty or absent dir; a resume needs this run's dir.
+    Nothing already in run_dir is touched when we refuse."""
+    ledger = run_dir / LEDGER_FILE
+    if ledger.exists():
+        theirs = Ledger(run_dir)
+        digest = theirs.get_meta("config_digest")
+        theirs.close()
+        if digest != config.digest():
+            raise UserError(f"{run_dir} holds another run (its config differs); choose another --out")
+        if not resume:
+            raise UserError(f"{run_dir} already holds this run; pass --resume to continue it")
+        return
+    if resume:
+        raise UserError(f"nothing to resume: {run_dir} holds no run")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty and holds no run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_generations_log(run_dir: Path, ledger: Ledger) -> None:
+    """One JSON line per generation, rewritten from the ledger (so a resume
+    never duplicates or loses a line), atomically."""
+    path = run_dir / GENERATIONS_LOG
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(g) + "\n" for g in ledger.generations()), encoding="utf-8")
+    tmp.replace(path)
+
+
+class Run:
+    def __init__(self, config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Log = print):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.log = log
+        check_models(config)
+        settings = config.fitness
+        self.dev = Suite(config.fitness.tasks, settings)
+        self.report_suite = Suite(config.report.tasks, settings) if config.report.tasks else None
+        prepare_run_dir(self.run_dir, config, resume)
+        self.ledger = Ledger(self.run_dir)
+        if self.ledger.get_meta("config_digest") is None:
+            (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            self.ledger.set_meta("config_digest", config.digest())
+        self.options = MergeOptions(
+            quiet=True,
+            device=resolve_device(settings.device),
+            trust_remote_code=settings.trust_remote_code,
+            random_seed=config.seed,
+        )
+        self.like = Path(config.population.models[0])
+        self.evaluator = Evaluator(self.like, settings, self.ledger)
+        self.slot = MemorySlot(self.run_dir / "scratch", self.like)
+        self.population_dir = self.run_dir / "population"
+
+    # -- the pieces ---------------------------------------------------------
+    def merge(self, recipe: MergeConfiguration) -> dict[str, torch.Tensor]:
+        try:
+            return merge_in_memory(recipe, self.options)
+        finally:
+            release_loaders(keep=[self.slot.ref])
+
+    def score(self, state, suite: Suite) -> tuple[Optional[float], dict, float, bool]:
+        scored = self.evaluator.score(state, suite)
+        return suite.fitness(scored.scores), scored.scores, scored.seconds, scored.cached
+
+    def step(self, key: str, compute: Callable[[], Candidate]) -> Candidate:
+        done = self.ledger.find(key)
+        if done is not None:
+            return done
+        candidate = compute()
+        self.ledger.record(candidate)
+        return candidate
+
+    # -- phases -------------------------------------------------------------
+    def initial_members(self) -> list[Member]:
+        members = [Member(f"m{i}", Path(p)) for i, p in enumerate(self.config.population.models)]
+        for name, template in self.config.population.recipes.items():
+            dest = self.population_dir / f"recipe_{name}"
+
+            def build(template=template, dest=dest, name=name) -> Candidate:
+                recipe = population_recipe(
+                    template, [m.path for m in members], self.config.population.base_model,
+                    where=f"population.recipes.{name}",
+                )
+                if not dest.exists():
+                    tmp = dest.with_name(dest.name + ".partial")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    merge_to_disk(recipe, tmp, self.options)
+                    tmp.rename(dest)
+                return Candidate(
+                    step=f"init/recipe/{name}", generation=0, role="member", status="accepted",
+                    recipe=recipe_yaml(recipe), parents=[m.id for m in members], member=str(dest),
+                )
+
+            self.step(f"init/recipe/{name}", build)
+            members.append(Member(f"recipe_{name}", dest))
+        for i, member in enumerate(members):
+            def evaluate(member=member, i=i) -> Candidate:
+                fitness, scores, seconds, _ = self.score(load_state(member.path), self.dev)
+                return Candidate(
+                    step=f"init/{member.id}", generation=0, slot=i, role="member",
+                    status="accepted", fitness=fitness, dev=scores, eval_s=seconds,
+                    member=str(member.path),
+                )
+
+            member.fitness = self.step(f"init/{member.id}", evaluate).fitness
+        return members
+
+    def merged_fitness(self, paths: list[Path], key: str) -> Candidate:
+        def compute() -> Candidate:
+            recipe = self.merger_recipe(paths)
+            start = time.perf_counter()
+            state = self.merge(recipe)
+            merge_s = time.perf_counter() - start
+            fitness, scores, seconds, _ = self.score(state, self.dev)
+            return Candidate(
+                step=key, generation=0, role="merged", status="scored",
+                recipe=recipe_yaml(recipe), fitness=fitness, dev=scores,
+                merge_s=merge_s, eval_s=seconds,
+            )
+
+        return self.step(key, compute)
+
+    def merger_recipe(self, paths: list[Path]) -> MergeConfiguration:
+        return population_recipe(
+            self.config.selection.merger, paths, self.config.population.base_model,
+            where="selection.merger",
+        )
+
+    def evolve(self, members: list[Member]) -> list[Member]:
+        de, mode = self.config.de, self.config.selection.mode
+        by_id = {m.id: m for m in members}
+        paths = {m.id: m.path for m in members}
+        merged0 = None
+        if mode == "merged":
+            merged0 = self.merged_fitness([m.path for m in members], "g000/merged").fitness
+        strategy = Evolver(
+            [m.id for m in members], [m.fitness for m in members],
+            operator=de.operator, mode=mode, generations=de.generations,
+            seed=self.config.seed, merged_fitness=merged0,
+        )
+        if not self.ledger.generations():
+            self.end_generation(0, strategy, 0.0)
+        total = de.generations * len(members)
+        bar = tqdm(total=total, desc="candidates", unit="cand", leave=False)
+        gen_start = time.perf_counter()
+        while (proposal := strategy.ask()) is not None:
+            candidate = self.step(proposal.step, lambda p=proposal: self.offspring(p, strategy, paths))
+            member_id = f"g{proposal.generation:03d}_s{proposal.slot:02d}"
+            if candidate.status == "accepted":
+                paths[member_id] = Path(candidate.member)
+            strategy.tell(
+                proposal,
+                candidate.fitness if candidate.status != "invalid" else None,
+                member_id,
+            )
+            bar.update(1)
+            if strategy.slot == 0:
+                self.end_generation(proposal.generation, strategy, time.perf_counter() - gen_start)
+                gen_start = time.perf_counter()
+        bar.close()
+        return [
+            Member(mid, paths[mid], fit) for mid, fit in zip(strategy.members, strategy.fitness)
+        ]
+
+    def offspring(self, proposal, strategy: Evolver, paths: dict[str, Path]) -> Candidate:
+        de = self.config.de
+        recipe = de_recipe(
+            proposal.operator, paths[proposal.target], [paths[d] for d in proposal.donors],
+            de.method_parameters(proposal.seed),
+        )
+        base = dict(
+            step=proposal.step, generation=proposal.generation, slot=proposal.slot,
+            role="offspring", recipe=recipe_yaml(recipe),
+            parents=[proposal.target, *proposal.donors], operator=proposal.operator,
+            F=de.F, CR=de.CR, seed=proposal.seed,
+        )
+        start = time.perf_counter()
+        state = self.merge(recipe)
+        merge_s = time.perf_counter() - start
+        bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
+        if bad:
+            self.log(f"{proposal.step}: rejected, non-finite values in {bad[0]}")
+            return Candidate(**base, status="invalid", merge_s=merge_s, note=f"non-finite: {bad[0]}")
+        if self.config.selection.mode == "merged":
+            ref = self.slot.serve(state)
+            trial = [paths[m] for m in strategy.members]
+            trial[proposal.slot] = Path(ref.model.path)
+            start = time.perf_counter()
+            scored_state = self.merge(self.merger_recipe(trial))
+            merge_s += time.perf_counter() - start
+            self.slot.clear()
+        else:
+            scored_state = state
+        fitness, scores, seconds, _ = self.score(scored_state, self.dev)
+        accepted = strategy.accepts(proposal, fitness)
+        member = None
+        if accepted:
+            dest = self.population_dir / f"g{proposal.generation:03d}_s{proposal.slot:02d}"
+            member = str(write_individual(state, dest, like=paths[proposal.target]))
+        return Candidate(
+            **base, status="accepted" if accepted else "rejected", fitness=fitness,
+            dev=scores, member=member, merge_s=merge_s, eval_s=seconds,
+        )
+
+    def end_generation(self, generation: int, strategy: Evolver, seconds: float) -> None:
+        fits = strategy.fitness
+        rows = [c for c in self.ledger.candidates("offspring") if c.generation == generation]
+        stats = {
+            "best": max(fits),
+            "mean": sum(fits) / len(fits),
+            "min": min(fits),
+            "accepted": sum(c.status == "accepted" for c in rows),
+            "invalid": sum(c.status == "invalid" for c in rows),
+            "evaluated": len(rows),
+            "members": list(strategy.members),
+            "merged": strategy.best_merged,
+            "seconds": round(seconds, 3),
+        }
+        self.ledger.record_generation(generation, stats)
+        write_generations_log(self.run_dir, self.ledger)
+        self.log(
+            f"generation {generation}: best {stats['best']:.4f} mean {stats['mean']:.4f} "
+            f"min {stats['min']:.4f}, accepted {stats['accepted']}/{stats['evaluated']}"
+        )
+
+
+class Finish:
+    """After the search: baselines, the final model, held-out report, lineage."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def baselines(self, inputs: list[Path]) -> list[tuple[str, MergeConfiguration, float]]:
+        run, chosen = self.run, []
+        base = run.config.population.base_model
+        for name in run.config.report.baselines:
+            if name in NEEDS_BASE and not base:
+                run.log(f"baseline {name} skipped: population.base_model is not set")
+                continue
+            best = None
+            for k, recipe in enumerate(baseline_recipes(name, inputs, base)):
+                def compute(recipe=recipe, k=k) -> Candidate:
+                    state = run.merge(recipe)
+                    fitness, scores, seconds, _ = run.score(state, run.dev)
+                    return Candidate(
+                        step=f"baseline/{name}/{k}", generation=0, role="baseline",
+                        status="scored", recipe=recipe_yaml(recipe), fitness=fitness,
+                        dev=scores, eval_s=seconds, note=name,
+                    )
+
+                c = run.step(f"baseline/{name}/{k}", compute)
+                if best is None or c.fitness > best[2]:
+                    best = (name, recipe, c.fitness)
+            chosen.append(best)
+        return chosen
+
+    def final_recipe(self, members: list[Member]) -> MergeConfiguration:
+        run = self.run
+        if run.config.output.kind == "merged":
+            return run.merger_recipe([m.path for m in members])
+        best = max(range(len(members)), key=lambda i: (members[i].fitness, -i))
+        return single_model_recipe(members[best].path)
+
+    def write_model(self, recipe: MergeConfiguration) -> Path:
+        run = self.run
+        dest = run.run_dir / "model"
+        if not dest.exists():
+            tmp = run.run_dir / "model.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            merge_to_disk(recipe, tmp, run.options.model_copy(update={"copy_tokenizer": True}))
+            tmp.rename(dest)
+        return dest
+
+    def report(self, entries: list[tuple[str, MergeConfiguration | Path]]) -> None:
+        """Score each entry on the held-out suite; dev fitness rides along."""
+        run = self.run
+        for label, source in entries:
+            def compute(label=label, source=source) -> Candidate:
+                if isinstance(source, Path):
+                    state, recipe = load_state(source), None
+                else:
+                    state, recipe = run.merge(source), recipe_yaml(source)
+                fitness, dev, _, _ = run.score(state, run.dev)
+                test = {}
+                if run.report_suite is not None:
+                    test = run.evaluator.score(state, run.report_suite).scores
+                return Candidate(
+                    step=f"report/{label}", generation=0, role="report", status="scored",
+                    recipe=recipe, fitness=fitness, dev=dev, test=test, note=label,
+                )
+
+            run.step(f"report/{label}", compute)
+
+
+def evolve(config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Log = print) -> str:
+    """The whole run; returns the result table."""
+    from mergekit_evolver.lineage import write_lineage
+    from mergekit_evolver.report import model_card, write_report
+
+    run = Run(config, run_dir, resume=resume, log=log)
+    members = run.initial_members()
+    final_members = run.evolve(members)
+    finish = Finish(run)
+    inputs = [Path(p) for p in config.population.models]
+    baselines = finish.baselines(inputs)
+    final = finish.final_recipe(final_members)
+    model_dir = finish.write_model(final)
+    entries: list[tuple[str, MergeConfiguration | Path]] = [
+        (Path(m.path).name if m.id.startswith("m") else m.id, m.path) for m in members
+    ]
+    entries += [(name, recipe) for name, recipe, _ in baselines]
+    entries.append(("evolved", final))
+    finish.report(entries)
+    table = write_report(run.run_dir, run.ledger, config.report.tasks)
+    write_lineage(run.run_dir, recipe_yaml(final), run.ledger)
+    (model_dir / "README.md").write_text(
+        model_card((run.run_dir / CONFIG_FILE).read_text(), table, recipe_yaml(final)),
+        encoding="utf-8",
+    )
+    run.ledger.set_meta("status", "complete")
+    log(table)
+    return table
