@@ -55,15 +55,16 @@ def task_manager(include_path: Sequence[str]):
         for path in key:
             if not Path(path).is_dir():
                 raise UserError(f"include_path is not a directory: {path}")
-        _TASK_MANAGERS[key] = TaskManager(
-            verbosity="ERROR", include_path=list(key) or None
-        )
+        _TASK_MANAGERS[key] = TaskManager(include_path=list(key) or None)
     return _TASK_MANAGERS[key]
 
 
 def quiet_lm_eval() -> None:
+    import datasets
+
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
     # lm-eval draws a progress bar per task per call while building requests,
     # with no switch (and tqdm reads TQDM_DISABLE only at import): per
     # candidate that is noise, so that one module's bar is turned off.

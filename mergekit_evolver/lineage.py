@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import yaml
+from mergekit.config import MergeConfiguration
 
 from mergekit_evolver.ledger import Ledger
 
@@ -17,14 +20,9 @@ LINEAGE_DIR = "lineage"
 
 
 def referenced_paths(recipe: str) -> list[str]:
-    data = yaml.safe_load(recipe)
-    paths = []
-    if data.get("base_model"):
-        paths.append(str(data["base_model"]))
-    for entry in data.get("models") or []:
-        model = entry["model"] if isinstance(entry, dict) else entry
-        paths.append(str(model["model"]["path"] if isinstance(model, dict) else model))
-    return [p[:-2] if p.endswith("/.") else p for p in paths]
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
+    # A best/1 target that is also a donor appears a second time as "dir/.".
+    return [os.path.normpath(m.model.path) for m in config.referenced_models()]
 
 
 def ancestry(final_recipe: str, ledger: Ledger) -> list[tuple[str, str]]:
@@ -36,7 +34,6 @@ def ancestry(final_recipe: str, ledger: Ledger) -> list[tuple[str, str]]:
 
     def visit(recipe: str) -> None:
         for path in referenced_paths(recipe):
-            path = path.rstrip("/")
             if path in made and path not in seen:
                 seen.add(path)
                 visit(made[path])

@@ -71,8 +71,11 @@ def merge_to_disk(
     options: MergeOptions,
     config_source: Optional[str] = None,
 ) -> None:
-    """Exactly what mergekit-yaml does, with the plugin's methods registered."""
-    run_merge(config, str(out_path), options=options, config_source=config_source)
+    """Exactly what mergekit-yaml does, with the plugin's methods registered.
+    mergekit's planner rewrites the config it is given, so it gets a copy."""
+    run_merge(
+        config.model_copy(deep=True), str(out_path), options=options, config_source=config_source
+    )
 
 
 def merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> StateDict:

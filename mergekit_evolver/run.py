@@ -86,9 +86,9 @@ def check_models(config: EvolveConfig) -> None:
                 )
 
 
-def prepare_run_dir(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
+def check_run_dir(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
     """A new run needs an empty or absent dir; a resume needs this run's dir.
-    Nothing already in run_dir is touched when we refuse."""
+    Only looks: nothing in run_dir is created or changed."""
     ledger = run_dir / LEDGER_FILE
     if ledger.exists():
         theirs = Ledger(run_dir)
@@ -103,7 +103,6 @@ def prepare_run_dir(run_dir: Path, config: EvolveConfig, resume: bool) -> None:
         raise UserError(f"nothing to resume: {run_dir} holds no run")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no run; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def write_generations_log(run_dir: Path, ledger: Ledger) -> None:
@@ -120,11 +119,13 @@ class Run:
         self.config = config
         self.run_dir = Path(run_dir)
         self.log = log
+        check_run_dir(self.run_dir, config, resume)
         check_models(config)
         settings = config.fitness
         self.dev = Suite(config.fitness.tasks, settings)
         self.report_suite = Suite(config.report.tasks, settings) if config.report.tasks else None
-        prepare_run_dir(self.run_dir, config, resume)
+        # Everything the user gave us checked out: only now is the run dir made.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.run_dir)
         if self.ledger.get_meta("config_digest") is None:
             (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,195 @@
+"""Whole weight-space runs on the toy world: selection, resume, cache, honesty."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mergekit_evolver.config import EvolveConfig
+from mergekit_evolver.evaluation import Evaluator, Suite
+from mergekit_evolver.ledger import Ledger
+from mergekit_evolver.population import load_state
+from mergekit_evolver.run import evolve
+from tiny_models import load_tensors
+from toy_world import make_world, run_config, save_model, write_task, reverse_items
+
+CLI = str(Path(sys.executable).parent / "mergekit-evolver")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def run(config: dict, out: Path) -> str:
+    return evolve(EvolveConfig.model_validate(config), out, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    table = run(CONFIG(world), out)
+    return out, table
+
+
+def CONFIG(world) -> dict:
+    # A merged output depends on accepted offspring, so its lineage is a real chain.
+    return run_config(world, de__generations=3, output={"kind": "merged"})
+
+
+def fitness_of_members(ledger: Ledger) -> dict[str, float]:
+    fit = {}
+    for c in ledger.candidates():
+        if c.step.startswith("init/m"):
+            fit[c.step.split("/")[1]] = c.fitness
+        if c.role == "offspring" and c.status == "accepted":
+            fit[f"g{c.generation:03d}_s{c.slot:02d}"] = c.fitness
+    return fit
+
+
+def test_a_worse_or_equal_offspring_is_never_kept(finished):
+    out, _ = finished
+    ledger = Ledger(out)
+    fit = fitness_of_members(ledger)
+    offspring = ledger.candidates("offspring")
+    assert len(offspring) == 3 * 4
+    for c in offspring:
+        parent = c.parents[0]
+        assert (c.status == "accepted") == (c.fitness > fit[parent]), c.step
+        assert c.test == {}  # selection rows carry no held-out scores
+    accepted = [c for c in offspring if c.status == "accepted"]
+    assert accepted, "the toy run should accept something"
+    for c in accepted:
+        stored = load_state(Path(c.member))
+        assert Path(c.member).parent == out / "population"
+        assert all(torch.isfinite(t).all() for t in stored.values())
+
+
+def test_population_fitness_never_decreases(finished):
+    out, _ = finished
+    gens = Ledger(out).generations()
+    assert [g["generation"] for g in gens] == [0, 1, 2, 3]
+    for before, after in zip(gens, gens[1:]):
+        assert after["best"] >= before["best"] and after["min"] >= before["min"]
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_outputs_model_lineage_report(finished, tmp_path):
+    out, table = finished
+    for row in ("m0", "m3", "average", "evolved"):
+        assert row in table
+    model = out / "model"
+    assert (model / "model.safetensors").is_file() and (model / "tokenizer.json").is_file()
+    assert not list(model.glob("*.bin"))
+    assert "Evolved merge" in (model / "README.md").read_text()
+    assert (out / "report" / "fitness.png").is_file() and (out / "report" / "scores.png").is_file()
+    # Every lineage recipe replays to the stored tensors.
+    lineage = sorted((out / "lineage").glob("*.yml"))
+    assert len(lineage) >= 2
+    made = {c.recipe: c.member for c in Ledger(out).candidates() if c.member and c.recipe}
+    for recipe in lineage:
+        replay = tmp_path / recipe.stem
+        done = subprocess.run([CLI, "yaml", str(recipe), str(replay), "--quiet"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        expected = model if recipe.stem.endswith("final") else Path(made[recipe.read_text()])
+        got, want = load_tensors(replay), load_tensors(expected)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_report_command_reprints_the_table(finished):
+    out, table = finished
+    done = subprocess.run([CLI, "report", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert table.strip() in done.stdout
+
+
+def test_same_config_and_seed_give_bit_identical_model(world, finished, tmp_path):
+    out, _ = finished
+    run(CONFIG(world), tmp_path / "b")
+    assert (tmp_path / "b/model/model.safetensors").read_bytes() == (out / "model/model.safetensors").read_bytes()
+
+
+def test_resume_after_kill_ends_with_the_uninterrupted_model(world, finished, tmp_path):
+    out, _ = finished
+    config = tmp_path / "run.yml"
+    config.write_text(yaml.safe_dump(CONFIG(world)))
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([CLI, "evolve", str(config), "--out", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = run_dir / "ledger.sqlite"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ledger.exists():
+            try:
+                n = sqlite3.connect(ledger).execute(
+                    "SELECT COUNT(*) FROM candidates WHERE role='offspring'").fetchone()[0]
+            except sqlite3.Error:
+                n = 0
+            if n >= 6:  # mid generation 2
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "model").exists()
+    done = subprocess.run([CLI, "evolve", str(config), "--out", str(run_dir), "--resume"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "model/model.safetensors").read_bytes() == (out / "model/model.safetensors").read_bytes()
+
+
+def test_scores_are_cached_by_content_across_evaluators(world, tmp_path):
+    config = EvolveConfig.model_validate(run_config(world))
+    suite = Suite(config.fitness.tasks, config.fitness)
+    tmp_path.mkdir(exist_ok=True)
+    ledger = Ledger(tmp_path)
+    calls = []
+    real_run = suite.run
+    suite.run = lambda lm: calls.append(1) or real_run(lm)
+    state = load_state(world.models[0])
+    first = Evaluator(world.models[0], config.fitness, ledger).score(state, suite)
+    again = Evaluator(world.models[1], config.fitness, ledger).score(dict(state), suite)
+    other = Evaluator(world.models[1], config.fitness, ledger).score(load_state(world.models[1]), suite)
+    assert (first.cached, again.cached, other.cached) == (False, True, False)
+    assert again.scores == first.scores and len(calls) == 2
+
+
+def test_selection_never_sees_test_data(world, finished, tmp_path):
+    """Changing the held-out split changes the report, not the evolved model."""
+    out, _ = finished
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, seed in (("toy_dev", 1), ("toy_test", 77)):
+        write_task(tasks, name, reverse_items(seed, 30))
+    config = CONFIG(world)
+    config["fitness"]["include_path"] = str(tasks)
+    run(config, tmp_path / "other_test")
+    assert (tmp_path / "other_test/model/model.safetensors").read_bytes() == (
+        out / "model/model.safetensors"
+    ).read_bytes()
+
+
+def test_non_finite_offspring_is_rejected_and_the_run_goes_on(tmp_path):
+    name = "model.norm.weight"
+    world = make_world(tmp_path / "w", n_models=0)
+    a = save_model(tmp_path / "a", seed=1, scale={name: 3e38})
+    b = save_model(tmp_path / "b", seed=2, scale={name: -3e38})
+    config = run_config(world, de={"operator": "de_current_to_rand1", "F": 0.5, "CR": 1.0, "generations": 1})
+    config["population"]["models"] = [str(a), str(b)]
+    logs = []
+    evolve(EvolveConfig.model_validate(config), tmp_path / "out", log=logs.append)
+    rows = Ledger(tmp_path / "out").candidates("offspring")
+    assert [c.status for c in rows] == ["invalid", "invalid"]
+    assert all(name in c.note for c in rows)
+    assert any("non-finite" in line for line in logs)
+    assert (tmp_path / "out/model/model.safetensors").is_file()
