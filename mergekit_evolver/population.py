@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -89,6 +90,85 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+class FileLoader(LazyTensorLoader):
+    """mergekit's loader interface, reading each tensor with pread.
+
+    safetensors' reader maps whole shards, and the pages it touches stay in the
+    process's resident set while the map is open: merging N members would hold
+    N models. Reading just the bytes of one tensor keeps memory to the tensors
+    the graph holds, whatever the population size."""
+
+    def __init__(self, model_dir: Path):
+        index = ShardedTensorIndex.from_disk(str(model_dir))
+        if not index.is_safetensors:
+            raise ValueError(f"{model_dir}: only safetensors weights are read (never pickles)")
+        super().__init__(index, lazy_unpickle=False)
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        for shard in {index.tensor_paths[k] for k in index.tensor_paths}:
+            path = Path(index.base_path) / shard
+            header, start = _safetensors_header(path)
+            for name, entry in header.items():
+                self._entries[name] = (path, start, entry)
+
+    def get_tensor(
+        self,
+        key: str,
+        device: str = "cpu",
+        aliases: Optional[list[str]] = None,
+        raise_on_missing: bool = True,
+    ) -> Optional[torch.Tensor]:
+        for name in [key, *(aliases or [])]:
+            if name in self._entries:
+                return self._read(*self._entries[name]).to(device)
+        if raise_on_missing:
+            raise KeyError(key)
+        return None
+
+    @staticmethod
+    def _read(path: Path, start: int, entry: dict) -> torch.Tensor:
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = bytearray(end - begin)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            view, got = memoryview(buffer), 0
+            while got < len(buffer):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise OSError(f"{path}: truncated tensor data")
+                got += n
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+    def flush(self) -> None:
+        pass
+
+
+def read_from_files(refs: Iterable[ModelReference]) -> None:
+    """Have mergekit read these on-disk individuals through FileLoader."""
+    cache = LoaderCache()
+    for ref in refs:
+        if not isinstance(cache.loaders.get(ref), (FileLoader, MemoryLoader)):
+            cache.loaders[ref] = FileLoader(Path(ref.model.path))
+
+
 class MemoryLoader(LazyTensorLoader):
     """mergekit's loader interface over tensors already in memory."""
 
@@ -139,16 +219,6 @@ class MemorySlot:
 
     def clear(self) -> None:
         LoaderCache().loaders.pop(self.ref, None)
-
-
-def release_loaders(keep: Iterable[ModelReference] = ()) -> None:
-    """Drop mergekit's open shard maps, so the pages of members read for one
-    candidate do not stay resident while the next is scored."""
-    cache = LoaderCache()
-    keep = set(keep)
-    for ref, loader in list(cache.loaders.items()):
-        if ref not in keep:
-            loader.flush()
 
 
 def read_json(path: Path) -> dict:

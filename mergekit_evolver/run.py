@@ -31,7 +31,7 @@ from mergekit_evolver.population import (
     MemorySlot,
     architecture,
     load_state,
-    release_loaders,
+    read_from_files,
     tensor_shapes,
     write_individual,
 )
@@ -143,10 +143,8 @@ class Run:
 
     # -- the pieces ---------------------------------------------------------
     def merge(self, recipe: MergeConfiguration) -> dict[str, torch.Tensor]:
-        try:
-            return merge_in_memory(recipe, self.options)
-        finally:
-            release_loaders(keep=[self.slot.ref])
+        read_from_files(m for m in recipe.referenced_models() if m != self.slot.ref)
+        return merge_in_memory(recipe, self.options)
 
     def score(self, state, suite: Suite) -> tuple[Optional[float], dict, float, bool]:
         scored = self.evaluator.score(state, suite)

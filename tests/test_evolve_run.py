@@ -193,3 +193,38 @@ def test_non_finite_offspring_is_rejected_and_the_run_goes_on(tmp_path):
     assert all(name in c.note for c in rows)
     assert any("non-finite" in line for line in logs)
     assert (tmp_path / "out/model/model.safetensors").is_file()
+
+
+def test_merged_selection_keeps_offspring_that_improve_the_merged_population(world, tmp_path):
+    config = run_config(world, de__generations=2, selection={"mode": "merged"})
+    config["report"] = {"tasks": [], "baselines": []}
+    run(config, tmp_path / "merged")
+    ledger = Ledger(tmp_path / "merged")
+    best = ledger.find("g000/merged").fitness
+    offspring = ledger.candidates("offspring")
+    assert len(offspring) == 8
+    for c in offspring:
+        assert (c.status == "accepted") == (c.fitness > best), c.step
+        best = max(best, c.fitness)
+    written = {p.name for p in (tmp_path / "merged/population").iterdir()}
+    assert written == {f"g{c.generation:03d}_s{c.slot:02d}" for c in offspring if c.status == "accepted"}
+    assert ledger.generations()[-1]["merged"] == best
+
+
+def test_recipe_member_is_a_plain_mergekit_merge(world, tmp_path):
+    recipe = {"merge_method": "ties", "parameters": {"weight": 1.0, "density": 0.5}}
+    config = run_config(world, de__generations=1)
+    config["population"]["recipes"] = {"ties": recipe}
+    config["report"] = {"tasks": [], "baselines": []}
+    run(config, tmp_path / "r")
+    member = tmp_path / "r/population/recipe_ties"
+    assert Ledger(tmp_path / "r").find("init/recipe_ties").fitness is not None
+    plain = tmp_path / "plain.yml"
+    plain.write_text(yaml.safe_dump({
+        **recipe, "base_model": str(world.base), "dtype": "float32",
+        "models": [{"model": str(m)} for m in world.models],
+    }))
+    done = subprocess.run([CLI, "yaml", str(plain), str(tmp_path / "plain"), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got, want = load_tensors(member), load_tensors(tmp_path / "plain")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -23,13 +23,15 @@ class ToyWorld:
     include_path: Path
 
 
-def save_model(path: Path, seed: int, *, hidden: int = 32, scale: Optional[dict] = None) -> Path:
+def save_model(
+    path: Path, seed: int, *, hidden: int = 32, layers: int = 2, scale: Optional[dict] = None
+) -> Path:
     tok = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
