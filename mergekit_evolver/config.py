@@ -103,6 +103,9 @@ class DEConfig(Strict):
     granularity: Literal["element", "row", "tensor"] = "element"
     sparsify: Literal["none", "dare", "magnitude"] = "none"
     density: float = Field(1.0, gt=0.0, le=1.0)
+    # task_vectors: mutate theta - base_model; with `sparsify`, each member's
+    # task vector is thinned (DARE/TIES-style) instead of each difference.
+    space: Literal["weights", "task_vectors"] = "weights"
     generations: int = Field(5, ge=1)
 
     def method_parameters(self, seed: int) -> dict[str, Any]:
@@ -114,6 +117,7 @@ class DEConfig(Strict):
             "granularity": self.granularity,
             "sparsify": self.sparsify,
             "density": self.density,
+            "space": self.space,
         }
 
 
@@ -146,6 +150,8 @@ class EvolveConfig(Strict):
                 f"de.operator {self.de.operator} needs a population of at least "
                 f"{needed} (x and {needed - 1} distinct donors); got {size}"
             )
+        if self.de.space == "task_vectors" and not self.population.base_model:
+            raise ValueError("de.space task_vectors needs population.base_model (the reference)")
         if self.selection.mode == "merged" or self.output.kind == "merged":
             if "models" in self.selection.merger:
                 raise ValueError("selection.merger must not list models: the population fills them")

@@ -18,6 +18,7 @@ from mergekit.plan import MergePlanner
 
 import mergekit_evolver  # noqa: F401  (the plugin's methods must be registered)
 from mergekit_evolver.errors import UserError
+from mergekit_evolver.methods.de import check_recipe
 
 StateDict = dict[str, torch.Tensor]
 
@@ -34,6 +35,7 @@ def parse_merge_config(data: object, where: str = "merge config") -> MergeConfig
     _check_known_keys(data)
     config = MergeConfiguration.model_validate(data)
     _check_local_models(config)
+    check_recipe(config)
     return config
 
 

@@ -47,14 +47,19 @@ def de_recipe(
     target: Path,
     donors: Sequence[Path],
     parameters: dict[str, Any],
+    reference: Optional[str] = None,
 ) -> MergeConfiguration:
+    """A DE offspring of target; `reference` is the task-vector space's base."""
     taken: set[str] = set()
     base = _alias(str(target), taken)
+    models = [{"model": _alias(str(d), taken)} for d in donors]
+    if reference is not None:
+        models.append({"model": _alias(str(reference), taken), "parameters": {"reference": True}})
     return parse_merge_config(
         {
             "merge_method": operator,
             "base_model": base,
-            "models": [{"model": _alias(str(d), taken)} for d in donors],
+            "models": models,
             "parameters": dict(parameters),
             "dtype": MERGE_DTYPE,
         },

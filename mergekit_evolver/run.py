@@ -255,6 +255,7 @@ class Run:
         recipe = de_recipe(
             proposal.operator, paths[proposal.target], [paths[d] for d in proposal.donors],
             de.method_parameters(proposal.seed),
+            reference=self.config.population.base_model if de.space == "task_vectors" else None,
         )
         base = dict(
             step=proposal.step, generation=proposal.generation, slot=proposal.slot,

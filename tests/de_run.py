@@ -11,11 +11,15 @@ from click.testing import CliRunner
 from mergekit_evolver.cli import main
 
 
-def write_config(path: Path, method: str, x: Path, donors: list[Path], **params: Any) -> Path:
+def write_config(
+    path: Path, method: str, x: Path, donors: list[Path], *, references: tuple = (), **params: Any
+) -> Path:
+    """`references`: models listed after the donors with `reference: true`."""
     config = {
         "merge_method": method,
         "base_model": str(x),
-        "models": [{"model": str(d)} for d in donors],
+        "models": [{"model": str(d)} for d in donors]
+        + [{"model": str(r), "parameters": {"reference": True}} for r in references],
         "parameters": params,
         "dtype": params.pop("dtype", "float32"),
     }

@@ -118,3 +118,26 @@ def test_every_subcommand_has_help():
         done = subprocess.run([CLI, *command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0, command
         assert "Usage:" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "n_refs, space, message",
+    [
+        (0, "task_vectors", "de_rand1 with space: task_vectors needs the reference base among its models, marked `reference: true`"),
+        (1, "weights", "de_rand1: a model marked reference is only used with space: task_vectors"),
+        (2, "task_vectors", "de_rand1: at most one model may be marked reference; got 2"),
+    ],
+)
+def test_task_vector_space_needs_exactly_one_reference(tmp_path, population, n_refs, space, message):
+    # Four non-base inputs fit de_rand1's count (3 donors + a reference), so
+    # only the reference marking can be wrong here.
+    donors, refs = population[1 : 5 - n_refs], population[5 - n_refs : 5]
+    config = write_config(
+        tmp_path / "c.yml", "de_rand1", population[0], donors, references=tuple(refs), seed=1, space=space
+    )
+    if n_refs == 0:
+        config = write_config(tmp_path / "c.yml", "de_rand1", population[0], population[1:4], seed=1, space=space)
+    result = run_yaml(config, tmp_path / "out")
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out").exists()

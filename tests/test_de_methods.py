@@ -205,3 +205,43 @@ def test_mask_depends_only_on_its_key():
     # CR only moves the threshold: masks are nested as CR grows.
     low = crossover_mask((64, 32), 0.2, seed=1, name="w")
     assert torch.all(a | ~low)
+
+
+def evolve_tv(tmp_path, population, method, **params):
+    n_donors = FORMULAS[method][0]
+    x, donors, ref = population[0], population[1 : 1 + n_donors], population[4]
+    config = write_config(
+        tmp_path / "c.yml", method, x, donors, references=(ref,), space="task_vectors", **params
+    )
+    result = run_yaml(config, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    return (load_tensors(tmp_path / "out"), load_tensors(x), [load_tensors(d) for d in donors],
+            load_tensors(ref))
+
+
+@pytest.mark.parametrize("method", sorted(FORMULAS))
+def test_task_vector_space_is_the_formula_on_task_vectors(tmp_path, population, method):
+    out, xs, donors, ref = evolve_tv(tmp_path, population, method, F=F, CR=1.0, seed=2)
+    for name, x in xs.items():
+        theta0 = ref[name]
+        tau = FORMULAS[method][1](x - theta0, [d[name] - theta0 for d in donors])
+        assert torch.equal(out[name], tau + theta0), name
+        # Differences cancel the base: the same arithmetic as weight space, up to rounding.
+        assert torch.allclose(out[name], mutant(method, xs, donors, name), atol=1e-5)
+
+
+def test_task_vector_space_sparsifies_each_task_vector(tmp_path, population):
+    out, xs, donors, ref = evolve_tv(
+        tmp_path, population, "de_rand1", F=F, CR=0.5, seed=8, sparsify="dare", density=0.4
+    )
+    for name, x in xs.items():
+        theta0 = ref[name]
+
+        def dare(t, term):
+            keep = keep_mask(t.shape, 0.4, seed=8, name=name, term=term)
+            return torch.where(keep, (t - theta0) / 0.4, torch.zeros(()))
+
+        r1, r2, r3 = (dare(d[name], k + 1) for k, d in enumerate(donors))
+        v = r1 + F * (r2 - r3) + theta0
+        mask = crossover_mask(x.shape, 0.5, seed=8, name=name)
+        assert torch.equal(out[name], torch.where(mask, v, x)), name

@@ -55,6 +55,10 @@ CASES = {
         lambda w: with_(run_config(w), "de", operator="de_rand1") | {"population": {"models": [str(m) for m in w.models[:3]]}},
         "de.operator de_rand1 needs a population of at least 4",
     ),
+    "task vectors without base": (
+        lambda w: with_(run_config(w), "de", space="task_vectors") | {"population": {"models": [str(m) for m in w.models]}},
+        "de.space task_vectors needs population.base_model",
+    ),
     "missing model": (
         lambda w: with_(run_config(w), "population", models=[str(w.models[0]), "/no/such/model"]),
         "model path not found: /no/such/model",

@@ -228,3 +228,14 @@ def test_recipe_member_is_a_plain_mergekit_merge(world, tmp_path):
     assert done.returncode == 0, done.stderr
     got, want = load_tensors(member), load_tensors(tmp_path / "plain")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_task_vector_space_run_records_replayable_recipes(world, tmp_path):
+    config = run_config(world, de={"operator": "de_current_to_rand1", "generations": 1,
+                                   "space": "task_vectors", "sparsify": "dare", "density": 0.5})
+    config["report"] = {"tasks": [], "baselines": []}
+    run(config, tmp_path / "tv")
+    for c in Ledger(tmp_path / "tv").candidates("offspring"):
+        recipe = yaml.safe_load(c.recipe)
+        assert recipe["parameters"]["space"] == "task_vectors"
+        assert recipe["models"][-1] == {"model": str(world.base), "parameters": {"reference": True}}

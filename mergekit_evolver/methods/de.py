@@ -12,6 +12,14 @@ u by crossover: u takes v where the crossover mask is set and x elsewhere.
 The difference terms may be sparsified first: `sparsify: dare` keeps each
 element with probability `density` and rescales by 1/density; `sparsify:
 magnitude` keeps the `density` share of largest magnitudes (TIES trimming).
+
+`space: task_vectors` mutates task vectors tau = theta - theta_0 relative to a
+reference base theta_0, listed among the models with `reference: true`. DE's
+differences cancel theta_0, so without sparsification this is the weight-space
+arithmetic; with it, each input's task vector is sparsified (as DARE and TIES
+do) before the mutant is formed:
+    v = theta_0 + S(tau_anchor) + F*(S(tau_a) - S(tau_b)) + ...
+The trial still keeps x's own weights where the crossover mask is unset.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from mergekit.merge_methods import (
     BasePolicy,
     InputContract,
     MergeMethod,
+    PerNonBase,
     TensorGroup,
     merge_method,
 )
@@ -78,11 +87,14 @@ Sparsify = Literal["none", "dare", "magnitude"]
 CrossoverParam = Annotated[str, _one_of("crossover", CrossoverKind)]
 GranularityParam = Annotated[str, _one_of("granularity", Granularity)]
 SparsifyParam = Annotated[str, _one_of("sparsify", Sparsify)]
+Space = Literal["weights", "task_vectors"]
+SpaceParam = Annotated[str, _one_of("space", Space)]
 
 
 @dataclass(frozen=True)
 class DonorContract(InputContract):
-    """An input contract whose errors name the method and its donor roles."""
+    """An input contract whose errors name the method and its donor roles.
+    One more input is allowed: the reference base of task-vector space."""
 
     method: str = ""
     donors: tuple[str, ...] = ()
@@ -90,16 +102,20 @@ class DonorContract(InputContract):
     def validate_ids(self, input_ids, base_id=None, *, group_name=None) -> None:
         where = f" (at {group_name})" if group_name else ""
         if base_id is None or base_id not in input_ids:
-            raise ValueError(
-                f"{self.method} needs base_model: it is the target individual x{where}"
-            )
+            raise ValueError(self.missing_base_message() + where)
         got = len(input_ids) - 1
-        if got != len(self.donors):
-            raise ValueError(
-                f"{self.method} needs exactly {len(self.donors)} donor model(s) "
-                f"({', '.join(self.donors)}) besides base_model; got {got}{where}"
-            )
+        if got not in (len(self.donors), len(self.donors) + 1):
+            raise ValueError(self.count_message(got) + where)
         super().validate_ids(input_ids, base_id, group_name=group_name)
+
+    def missing_base_message(self) -> str:
+        return f"{self.method} needs base_model: it is the target individual x"
+
+    def count_message(self, got: int) -> str:
+        return (
+            f"{self.method} needs exactly {len(self.donors)} donor model(s) "
+            f"({', '.join(self.donors)}) besides base_model; got {got}"
+        )
 
 
 def donor_contract(method: str, donors: Sequence[str]) -> DonorContract:
@@ -107,9 +123,9 @@ def donor_contract(method: str, donors: Sequence[str]) -> DonorContract:
     return DonorContract(
         base=BasePolicy.REQUIRED,
         min_inputs=n + 1,
-        max_inputs=n + 1,
+        max_inputs=n + 2,
         min_non_base=n,
-        max_non_base=n,
+        max_non_base=n + 1,
         method=method,
         donors=tuple(donors),
     )
@@ -210,8 +226,10 @@ def offspring(
     granularity: Granularity = "element",
     sparsify: Sparsify = "none",
     density: float = 1.0,
+    reference: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """One DE trial tensor, in float32, for tensor `name` of individual x."""
+    """One DE trial tensor, in float32, for tensor `name` of individual x.
+    With a reference base the mutant is formed in task-vector space."""
     roles, build = OPERATORS[operator]
     if len(donors) != len(roles):
         raise ValueError(
@@ -219,14 +237,57 @@ def offspring(
         )
     x = x.to(torch.float32)
     donors = [d.to(torch.float32) for d in donors]
-    anchor, pairs = build(x, donors)
     sparsifier = Sparsifier(sparsify, density, seed, name)
-    v = mutate(anchor, pairs, F, sparsifier)
+    if reference is None:
+        anchor, pairs = build(x, donors)
+        v = mutate(anchor, pairs, F, sparsifier)
+    else:
+        theta0 = reference.to(torch.float32)
+        # One sparsified task vector per input, keyed by its position.
+        taus = [sparsifier(torch.sub(t, theta0), term) for term, t in enumerate([x, *donors])]
+        anchor, pairs = build(taus[0], taus[1:])
+        v = mutate(anchor, pairs, F).add_(theta0)
     return crossover(x, v, CR, seed=seed, name=name, kind=kind, granularity=granularity)
+
+
+def check_reference(
+    operator: str, contract: DonorContract, space: str, n_refs: int, n_donors: int
+) -> None:
+    if n_refs > 1:
+        raise ValueError(f"{operator}: at most one model may be marked reference; got {n_refs}")
+    if space == "task_vectors" and not n_refs:
+        raise ValueError(
+            f"{operator} with space: task_vectors needs the reference base among its "
+            "models, marked `reference: true`"
+        )
+    if space == "weights" and n_refs:
+        raise ValueError(
+            f"{operator}: a model marked reference is only used with space: task_vectors"
+        )
+    if n_donors != len(contract.donors):
+        raise ValueError(contract.count_message(n_donors))
+
+
+def check_recipe(config) -> None:
+    """A DE recipe's donors and reference, checked from the config before
+    mergekit plans it (mergekit only sees a count within a range)."""
+    if config.merge_method not in OPERATORS or not config.models:
+        return  # slice-style configs are checked per tensor by the kernel
+    params = config.parameters or {}
+    space = params.get("space", "weights")
+    non_base = [m for m in config.models if m.model != config.base_model]
+    refs = [m for m in non_base if (m.parameters or {}).get("reference") is True]
+    contract = DE_CONTRACTS[config.merge_method]
+    if config.base_model is None:
+        raise ValueError(contract.missing_base_message())
+    if isinstance(space, str):
+        check_reference(config.merge_method, contract, space, len(refs), len(non_base) - len(refs))
 
 
 def _make_method(operator: str) -> MergeMethod:
     roles, _ = OPERATORS[operator]
+
+    contract = DE_CONTRACTS[operator]
 
     def kernel(
         group: TensorGroup,
@@ -237,13 +298,18 @@ def _make_method(operator: str) -> MergeMethod:
         granularity: GranularityParam = "element",
         sparsify: SparsifyParam = "none",
         density: DensityType = 1.0,
+        space: SpaceParam = "weights",
+        reference: PerNonBase[bool] = False,
     ) -> torch.Tensor:
         x = group.base.tensor
-        donors = [entry.tensor for entry in group.non_base]
+        refs = [e.tensor for e in group.non_base if reference[e.id]]
+        donors = [e.tensor for e in group.non_base if not reference[e.id]]
+        check_reference(operator, contract, space, len(refs), len(donors))
         return offspring(
             operator,
             x,
             donors,
+            reference=refs[0] if refs else None,
             F=F,
             CR=CR,
             seed=seed,
@@ -259,8 +325,9 @@ def _make_method(operator: str) -> MergeMethod:
         name=operator,
         pretty_name=f"DE {operator[3:]} offspring",
         reference_url="https://aclanthology.org/2024.findings-acl.698/",
-        contract=donor_contract(operator, roles),
+        contract=contract,
     )
 
 
+DE_CONTRACTS = {op: donor_contract(op, roles) for op, (roles, _) in OPERATORS.items()}
 DE_METHODS: tuple[MergeMethod, ...] = tuple(_make_method(op) for op in OPERATORS)
