@@ -96,3 +96,12 @@ def demo_command(testbed_dir: str) -> None:
     testbed = build_testbed(Path(testbed_dir), reuse=True)
     if not testbed.table_text:
         raise UserError(f"testbed in {testbed_dir} has no score table")
+
+
+def _register_commands() -> None:
+    from mergekit_evolver.stats import stats_command
+
+    main.add_command(stats_command)
+
+
+_register_commands()

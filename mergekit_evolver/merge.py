@@ -19,6 +19,7 @@ from mergekit.plan import MergePlanner
 import mergekit_evolver  # noqa: F401  (the plugin's methods must be registered)
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.methods.de import check_recipe
+from mergekit_evolver.stats import check_stats_recipe
 
 StateDict = dict[str, torch.Tensor]
 
@@ -36,6 +37,7 @@ def parse_merge_config(data: object, where: str = "merge config") -> MergeConfig
     config = MergeConfiguration.model_validate(data)
     _check_local_models(config)
     check_recipe(config)
+    check_stats_recipe(config)
     return config
 
 

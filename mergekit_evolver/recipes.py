@@ -33,6 +33,18 @@ BASELINES: dict[str, tuple[str, list[dict[str, Any]]]] = {
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties"}
 
 
+def takes_base(method: str) -> bool:
+    """Whether a method's own input contract wants a base model."""
+    from mergekit import merge_methods
+    from mergekit.merge_methods import BasePolicy
+
+    try:
+        policy = merge_methods.get(method).spec.contract.base
+    except RuntimeError:
+        return False  # unknown: mergekit will name it when the recipe is planned
+    return policy in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
+
+
 def _alias(path: str, taken: set[str]) -> str:
     """mergekit refuses the same model twice in one recipe; a best/1 target that
     is also the best donor gets a second spelling of the same dir."""
@@ -77,7 +89,7 @@ def population_recipe(
     and its parameters, and may name a base_model (else the population's)."""
     data = dict(template)
     data["models"] = [{"model": str(m)} for m in members]
-    if base_model and "base_model" not in data and data.get("merge_method") != "linear":
+    if base_model and "base_model" not in data and takes_base(str(data.get("merge_method"))):
         data["base_model"] = base_model
     data.setdefault("dtype", MERGE_DTYPE)
     return parse_merge_config(data, where=where)

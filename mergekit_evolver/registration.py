@@ -6,8 +6,9 @@ from mergekit.merge_methods import MergeMethod
 
 def plugin_methods() -> tuple[MergeMethod, ...]:
     from mergekit_evolver.methods.de import DE_METHODS
+    from mergekit_evolver.methods.regmean import STATS_METHODS
 
-    return DE_METHODS
+    return DE_METHODS + STATS_METHODS
 
 
 def register_methods() -> tuple[str, ...]:
