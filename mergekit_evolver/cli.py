@@ -99,8 +99,10 @@ def demo_command(testbed_dir: str) -> None:
 
 
 def _register_commands() -> None:
+    from mergekit_evolver.kinship import kinship_command
     from mergekit_evolver.stats import stats_command
 
+    main.add_command(kinship_command)
     main.add_command(stats_command)
 
 

@@ -18,6 +18,9 @@ from mergekit_evolver.errors import UserError
 from mergekit_evolver.methods.de import OPERATORS, F_RANGE
 
 
+STATS_METHODS = ("regmean", "fisher")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,7 +70,9 @@ class FitnessConfig(EvalSettings):
 
 class ReportConfig(Strict):
     tasks: list[TaskSpec] = []
-    baselines: list[Literal["average", "task_arithmetic", "ties", "dare_ties"]] = [
+    baselines: list[
+        Literal["average", "task_arithmetic", "ties", "dare_ties", "regmean", "fisher"]
+    ] = [
         "average",
         "task_arithmetic",
         "ties",
@@ -81,6 +86,18 @@ class PopulationConfig(Strict):
     # Extra individuals made by mergekit recipes over the models, by name.
     # A recipe without `models`/`base_model` gets the population's.
     recipes: dict[str, dict[str, Any]] = {}
+    # Statistics dirs (from `mergekit-evolver stats`), one per model, for
+    # regmean/fisher mergers and baselines. Slot i keeps model i's statistics
+    # as its offspring replace it (Evolver+RegMean). Default: <model>/stats.
+    stats: Optional[list[str]] = None
+
+    @field_validator("stats", mode="before")
+    @classmethod
+    def _stats_paths(cls, value: Any) -> Any:
+        return [expand_path(v) for v in value] if isinstance(value, list) else value
+
+    def stats_dirs(self) -> list[str]:
+        return self.stats or [str(Path(m) / "stats") for m in self.models]
 
     @field_validator("models", mode="before")
     @classmethod
@@ -149,6 +166,17 @@ class EvolveConfig(Strict):
             raise ValueError(
                 f"de.operator {self.de.operator} needs a population of at least "
                 f"{needed} (x and {needed - 1} distinct donors); got {size}"
+            )
+        pop = self.population
+        if pop.stats is not None and len(pop.stats) != len(pop.models):
+            raise ValueError(
+                f"population.stats needs one dir per model: {len(pop.models)} models, "
+                f"{len(pop.stats)} dirs"
+            )
+        if self.selection.merger.get("merge_method") in STATS_METHODS and pop.recipes:
+            raise ValueError(
+                "a regmean/fisher merger needs statistics for every slot; "
+                "population.recipes members have none"
             )
         if self.de.space == "task_vectors" and not self.population.base_model:
             raise ValueError("de.space task_vectors needs population.base_model (the reference)")

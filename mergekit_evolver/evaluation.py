@@ -1,114 +1,44 @@
-"""The one evaluation path: a resident HF model scored by lm-eval.
+"""The one evaluation path of a search: a resident HF model scored by lm-eval.
 
 One model is loaded once; each candidate's weights are copied into it in place
 (no disk write, no re-instantiation). A Suite loads and configures its lm-eval
-tasks once and reuses them for every candidate, so per-candidate time is spent
-in the model's loglikelihood calls, not in rebuilding datasets and prompts.
-Scores are cached by the content hash of the weights.
+tasks once (through fitness.py, the lm-eval layer) and reuses them for every
+candidate, so per-candidate time goes to the model's loglikelihood calls, not to
+rebuilding datasets and prompts. Scores are cached by the content hash of the weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 import torch
 
+from mergekit_evolver import fitness
 from mergekit_evolver.config import EvalSettings, TaskSpec
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.population import content_hash
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 
-_TASK_MANAGERS: dict[tuple[str, ...], object] = {}
-
-
-@contextmanager
-def offline() -> Iterator[None]:
-    """Local data only: nothing may reach for a hub while we score."""
-    keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def task_manager(include_path: Sequence[str]):
-    """lm-eval's TaskManager indexes every task YAML it can find: slow, so one
-    per include_path."""
-    from lm_eval.tasks import TaskManager
-
-    key = tuple(str(p) for p in include_path)
-    if key not in _TASK_MANAGERS:
-        for path in key:
-            if not Path(path).is_dir():
-                raise UserError(f"include_path is not a directory: {path}")
-        _TASK_MANAGERS[key] = TaskManager(include_path=list(key) or None)
-    return _TASK_MANAGERS[key]
-
-
-def quiet_lm_eval() -> None:
-    import datasets
-
-    for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    datasets.disable_progress_bars()
-    # lm-eval draws a progress bar per task per call while building requests,
-    # with no switch (and tqdm reads TQDM_DISABLE only at import): per
-    # candidate that is noise, so that one module's bar is turned off.
-    import functools
-
-    import lm_eval.api.task
-    from tqdm import tqdm
-
-    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
-
-
-def metric_key(metric: str) -> str:
-    """lm-eval reports 'metric,filter'; a bare name means the 'none' filter."""
-    return metric if "," in metric else f"{metric},none"
-
 
 class Suite:
     """A fixed set of lm-eval tasks, loaded once and scored many times."""
 
     def __init__(self, specs: Sequence[TaskSpec], settings: EvalSettings):
-        quiet_lm_eval()
         self.specs = tuple(specs)
         self.settings = settings
-        manager = task_manager(settings.include_path)
         names = [s.name for s in self.specs]
-        unknown = [n for n in names if n not in manager.all_tasks]
-        if unknown:
-            raise UserError(
-                f"unknown lm-eval task(s): {', '.join(unknown)} "
-                f"(include_path: {', '.join(settings.include_path) or 'none'})"
-            )
-        with offline():
-            self.loaded = manager.load(names)
+        manager = fitness.resolve_task_manager(names, settings.include_path)
+        self.loaded = fitness.load_tasks(manager, names, num_fewshot=settings.num_fewshot)
         self.tasks = self.loaded["tasks"]
         self.higher_is_better: dict[str, bool] = {}
         for spec in self.specs:
-            task = self.tasks[spec.name]
-            if settings.num_fewshot is not None and task.get_config("num_fewshot") != 0:
-                task.set_config(key="num_fewshot", value=settings.num_fewshot)
-            elif task.get_config("num_fewshot") is None:
-                task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=1234)
-            directions = task.higher_is_better()
-            metric = spec.metric.split(",")[0]
+            directions = self.tasks[spec.name].higher_is_better()
+            metric = fitness.metric_name(spec.metric).split(",")[0]
             if metric not in directions:
                 raise UserError(
                     f"task {spec.name} has no metric {spec.metric!r} "
@@ -134,35 +64,19 @@ class Suite:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def run(self, lm) -> Scores:
-        from lm_eval.evaluator import evaluate
-
         limit = self.settings.limit
         if limit is not None and limit >= 1:
             limit = int(limit)
-        with offline():
-            results = evaluate(
-                lm=lm,
-                task_dict=self.loaded,
-                limit=limit,
-                bootstrap_iters=0,
-                log_samples=False,
-                apply_chat_template=self.settings.apply_chat_template,
-                verbosity="ERROR",
-            )
-        return {
-            name: {
-                k: float(v)
-                for k, v in results["results"][name].items()
-                if isinstance(v, (int, float)) and not k.endswith("_stderr,none")
-            }
-            for name in self.tasks
-        }
+        scores = fitness.run_tasks(
+            lm, self.loaded, limit=limit, apply_chat_template=self.settings.apply_chat_template
+        )
+        return {name: scores[name] for name in self.tasks}
 
     def fitness(self, scores: Scores) -> float:
         """Weighted mean of the chosen metrics, each signed so higher is better."""
         total = weight = 0.0
         for spec in self.specs:
-            value = scores[spec.name][metric_key(spec.metric)]
+            value = scores[spec.name][fitness.metric_name(spec.metric)]
             total += spec.weight * (value if self.higher_is_better[spec.name] else -value)
             weight += spec.weight
         return total / weight
@@ -190,32 +104,12 @@ class Scored:
     seconds: float
 
 
-def _quiet_hflm():
-    from lm_eval.models.huggingface import HFLM
-
-    class QuietHFLM(HFLM):
-        """HFLM without its per-call progress bars."""
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    return QuietHFLM
-
-
 class ResidentModel:
     """One HF causal LM kept in memory; candidates' weights are copied into it."""
 
     def __init__(self, like: Path, settings: EvalSettings):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        QuietHFLM = _quiet_hflm()
-        quiet_lm_eval()
         self.device = resolve_device(settings.device)
         dtype = getattr(torch, settings.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -225,12 +119,7 @@ class ResidentModel:
         self.tokenizer = AutoTokenizer.from_pretrained(
             like, trust_remote_code=settings.trust_remote_code
         )
-        self.lm = QuietHFLM(
-            pretrained=self.model,
-            tokenizer=self.tokenizer,
-            batch_size=settings.batch_size,
-            device=self.device,
-        )
+        self.lm = fitness.hflm(self.model, self.tokenizer, batch_size=settings.batch_size)
         # state_dict names include tied aliases (lm_head -> embed_tokens).
         self._params = self.model.state_dict(keep_vars=True)
         self._required = {

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from mergekit.config import MergeConfiguration
 
+from mergekit_evolver.config import STATS_METHODS
 from mergekit_evolver.merge import parse_merge_config
 
 MERGE_DTYPE = "float32"
@@ -29,6 +30,8 @@ BASELINES: dict[str, tuple[str, list[dict[str, Any]]]] = {
         "dare_ties",
         [{"weight": 1.0, "density": d} for d in (0.3, 0.5, 0.7)],
     ),
+    "regmean": ("regmean", [{"alpha": a} for a in (0.5, 0.9)]),
+    "fisher": ("fisher", [{}]),
 }
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties"}
 
@@ -84,11 +87,16 @@ def population_recipe(
     members: Sequence[Path],
     base_model: Optional[str],
     where: str,
+    stats: Optional[Sequence[str]] = None,
 ) -> MergeConfiguration:
     """A mergekit config over the given members; `template` supplies the method
-    and its parameters, and may name a base_model (else the population's)."""
+    and its parameters, and may name a base_model (else the population's).
+    Statistics-based methods get `stats[i]` as member i's statistics."""
     data = dict(template)
     data["models"] = [{"model": str(m)} for m in members]
+    if stats is not None and data.get("merge_method") in STATS_METHODS:
+        for entry, stat in zip(data["models"], stats):
+            entry["parameters"] = {"stats": str(stat)}
     if base_model and "base_model" not in data and takes_base(str(data.get("merge_method"))):
         data["base_model"] = base_model
     data.setdefault("dtype", MERGE_DTYPE)
@@ -96,7 +104,10 @@ def population_recipe(
 
 
 def baseline_recipes(
-    name: str, members: Sequence[Path], base_model: Optional[str]
+    name: str,
+    members: Sequence[Path],
+    base_model: Optional[str],
+    stats: Optional[Sequence[str]] = None,
 ) -> list[MergeConfiguration]:
     method, grid = BASELINES[name]
     return [
@@ -105,6 +116,7 @@ def baseline_recipes(
             members,
             base_model,
             where=f"baseline {name}",
+            stats=stats,
         )
         for params in grid
     ]

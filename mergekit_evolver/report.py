@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mergekit_evolver.config import TaskSpec
-from mergekit_evolver.evaluation import metric_key
+from mergekit_evolver.fitness import metric_name
 from mergekit_evolver.ledger import Candidate, Ledger
 
 REPORT_DIR = "report"
 
 
 def score_of(candidate: Candidate, spec: TaskSpec) -> Optional[float]:
-    return candidate.test.get(spec.name, {}).get(metric_key(spec.metric))
+    return candidate.test.get(spec.name, {}).get(metric_name(spec.metric))
 
 
 def groups(specs: Sequence[TaskSpec]) -> dict[str, list[TaskSpec]]:

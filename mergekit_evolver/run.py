@@ -209,9 +209,10 @@ class Run:
         return self.step(key, compute)
 
     def merger_recipe(self, paths: list[Path]) -> MergeConfiguration:
+        """The merger over members in slot order; slot i keeps model i's stats."""
         return population_recipe(
             self.config.selection.merger, paths, self.config.population.base_model,
-            where="selection.merger",
+            where="selection.merger", stats=self.config.population.stats_dirs(),
         )
 
     def evolve(self, members: list[Member]) -> list[Member]:
@@ -327,7 +328,8 @@ class Finish:
                 run.log(f"baseline {name} skipped: population.base_model is not set")
                 continue
             best = None
-            for k, recipe in enumerate(baseline_recipes(name, inputs, base)):
+            stats = run.config.population.stats_dirs()
+            for k, recipe in enumerate(baseline_recipes(name, inputs, base, stats)):
                 def compute(recipe=recipe, k=k) -> Candidate:
                     state = run.merge(recipe)
                     fitness, scores, seconds, _ = run.score(state, run.dev)

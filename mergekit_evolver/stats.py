@@ -449,19 +449,17 @@ SPLITS = {"train": "training_docs", "validation": "validation_docs", "test": "te
 def load_task(name: str, include_path: Sequence[str] = ()):
     """An lm-eval task by name, loaded offline: from the --include-path folders
     when given, else from lm-eval's own tasks (whose data must be cached)."""
-    from lm_eval.tasks import TaskManager
-
-    from mergekit_evolver.evaluation import offline
+    from mergekit_evolver import fitness
 
     for path in include_path:
         if not Path(path).is_dir():
             raise UserError(f"--include-path is not a directory: {path}")
     paths = [str(p) for p in include_path]
-    manager = TaskManager(include_path=paths or None, include_defaults=not paths)
+    manager = fitness.task_manager(paths or None, include_defaults=not paths)
     if name not in manager.all_tasks:
         where = ", ".join(paths) or "lm-eval's own tasks"
         raise UserError(f"--data {name}: not a .jsonl/.txt file nor an lm-eval task (looked in {where})")
-    with offline():
+    with fitness.offline():
         loaded = manager.load([name])
     tasks = loaded["tasks"] if isinstance(loaded, dict) and "tasks" in loaded else loaded
     task = tasks.get(name) if isinstance(tasks, dict) else None

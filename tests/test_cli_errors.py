@@ -114,7 +114,7 @@ def test_console_script_exits_2_without_traceback(tmp_path, population):
 
 
 def test_every_subcommand_has_help():
-    for command in ([], ["yaml"], ["testbed"], ["demo"]):
+    for command in ([], ["yaml"], ["evolve"], ["report"], ["kinship"], ["stats"], ["testbed"], ["demo"]):
         done = subprocess.run([CLI, *command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0, command
         assert "Usage:" in done.stdout

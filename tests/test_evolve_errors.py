@@ -63,13 +63,13 @@ CASES = {
         lambda w: with_(run_config(w), "population", models=[str(w.models[0]), "/no/such/model"]),
         "model path not found: /no/such/model",
     ),
-    "unknown task": (lambda w: with_(run_config(w), "fitness", tasks=["toy_dev", "nope_task"]), "unknown lm-eval task(s): nope_task"),
-    "unknown report task": (lambda w: with_(run_config(w), "report", tasks=["nope_test"]), "unknown lm-eval task(s): nope_test"),
+    "unknown task": (lambda w: with_(run_config(w), "fitness", tasks=["toy_dev", "nope_task"]), "unknown lm-eval task(s) ['nope_task']"),
+    "unknown report task": (lambda w: with_(run_config(w), "report", tasks=["nope_test"]), "unknown lm-eval task(s) ['nope_test']"),
     "unknown metric": (
         lambda w: with_(run_config(w), "fitness", tasks=[{"name": "toy_dev", "metric": "f1"}]),
         "task toy_dev has no metric 'f1' (it has: acc)",
     ),
-    "missing include path": (lambda w: with_(run_config(w), "fitness", include_path="/no/tasks"), "include_path is not a directory: /no/tasks"),
+    "missing include path": (lambda w: with_(run_config(w), "fitness", include_path="/no/tasks"), "include_path '/no/tasks' is not a directory"),
 }
 
 

@@ -239,3 +239,26 @@ def test_task_vector_space_run_records_replayable_recipes(world, tmp_path):
         recipe = yaml.safe_load(c.recipe)
         assert recipe["parameters"]["space"] == "task_vectors"
         assert recipe["models"][-1] == {"model": str(world.base), "parameters": {"reference": True}}
+
+
+@pytest.mark.parametrize("merger", ["regmean", "fisher"])
+def test_evolver_with_a_statistics_merger_keeps_each_slots_original_stats(world, tmp_path, merger):
+    from mergekit_evolver.stats import Source, collect_to_dir
+
+    stats = []
+    for i, model in enumerate(world.models):
+        out, _ = collect_to_dir(str(model), Source("toy_dev", (str(world.include_path),)),
+                                str(tmp_path / f"stats{i}"), kinds=("gram", "fisher"), device="cpu")
+        stats.append(str(out))
+    config = run_config(world, de__generations=1, selection={"mode": "merged", "merger": {"merge_method": merger}},
+                        output={"kind": "merged"})
+    config["population"]["stats"] = stats
+    config["report"]["baselines"] = [merger]
+    run(config, tmp_path / "run")
+    ledger = Ledger(tmp_path / "run")
+    for c in ledger.candidates():
+        if c.recipe and yaml.safe_load(c.recipe)["merge_method"] == merger:
+            entries = yaml.safe_load(c.recipe)["models"]
+            assert [e["parameters"]["stats"] for e in entries] == stats, c.step
+    assert ledger.find("report/evolved") is not None
+    assert ledger.find(f"report/{merger}").fitness is not None
