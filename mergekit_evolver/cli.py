@@ -11,6 +11,9 @@ import mergekit_evolver  # noqa: F401  (registers the plugin's merge methods)
 from mergekit_evolver.errors import UserError, exits_cleanly
 
 DEFAULT_TESTBED = Path(".testbed")
+DEFAULT_DEMO_RUN = Path("runs/demo")
+# The demo config ships in the repository beside the package.
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yml"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,14 +91,42 @@ def testbed_command(out_dir: str, rebuild: bool) -> None:
     show_default=True,
     help="Where the testbed is built or reused.",
 )
+@click.option(
+    "--out",
+    "run_dir",
+    type=click.Path(file_okay=False),
+    default=str(DEFAULT_DEMO_RUN),
+    show_default=True,
+    help="Run dir; a finished demo there is reused and its table reprinted.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=str(DEMO_CONFIG),
+    show_default=True,
+    help="The run config; ${TESTBED} in it is the testbed dir.",
+)
 @exits_cleanly()
-def demo_command(testbed_dir: str) -> None:
-    """Build (or reuse) the testbed and print every model's score on every task."""
+def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
+    """The main job on the embedded testbed: build (or reuse) it, evolve its
+    specialists with examples/demo.yml, and print the comparison table on the
+    held-out test and out-of-domain tasks."""
+    import os
+
+    from tqdm import tqdm
+
+    from mergekit_evolver.config import load_evolve_config
+    from mergekit_evolver.ledger import LEDGER_FILE
+    from mergekit_evolver.run import evolve
     from mergekit_evolver.testbed import build_testbed
 
-    testbed = build_testbed(Path(testbed_dir), reuse=True)
-    if not testbed.table_text:
-        raise UserError(f"testbed in {testbed_dir} has no score table")
+    build_testbed(Path(testbed_dir), reuse=True)
+    os.environ["TESTBED"] = str(Path(testbed_dir).resolve())
+    config = load_evolve_config(config_file)
+    resume = (Path(run_dir) / LEDGER_FILE).exists()
+    click.echo(f"\nEvolving the testbed specialists ({config_file}) in {run_dir}")
+    evolve(config, Path(run_dir), resume=resume, log=tqdm.write)
 
 
 def _register_commands() -> None:

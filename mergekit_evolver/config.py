@@ -145,21 +145,62 @@ class SelectionConfig(Strict):
     merger: dict[str, Any] = {"merge_method": "linear", "parameters": {"weight": 1.0}}
 
 
+class KinshipConfig(Strict):
+    """Kinship (similarity of members' deltas from population.base_model) in
+    weight-space evolution (Hu et al. 2024)."""
+
+    track: bool = False  # log the population's mean pairwise kinship per generation
+    metric: Literal["pcc", "cos"] = "pcc"
+    # Stop when the population's mean kinship reaches this (merging saturates).
+    stop_above: Optional[float] = Field(None, ge=-1.0, le=1.0)
+    # Pick donors with probability falling with their kinship to the target.
+    diverse_donors: bool = False
+
+    @property
+    def needed(self) -> bool:
+        return self.track or self.stop_above is not None or self.diverse_donors
+
+
+class GreedyConfig(Strict):
+    """Kinship-guided top-k greedy merging (Hu et al. 2024): merge pairs of
+    members, keep the k best by dev fitness, repeat; when the best stalls, merge
+    it with its least related member; stop when nothing improves or the
+    population's kinship passes `stop_kinship`."""
+
+    merge_method: str = "slerp"
+    parameters: dict[str, Any] = {"t": 0.5}
+    top_k: int = Field(3, ge=2)
+    max_rounds: int = Field(6, ge=1)
+    metric: Literal["pcc", "cos"] = "pcc"
+    stop_kinship: Optional[float] = Field(0.9, ge=-1.0, le=1.0)
+    # At most this many merged candidates are scored (None: no cap), so the
+    # strategy can be compared with others at the same evaluation budget.
+    budget: Optional[int] = Field(None, ge=1)
+
+
 class OutputConfig(Strict):
     kind: Literal["best", "merged"] = "best"
 
 
 class EvolveConfig(Strict):
     seed: int = Field(0, ge=0)
+    # evolver: DE over whole models; kinship_greedy: top-k greedy pair merging.
+    strategy: Literal["evolver", "kinship_greedy"] = "evolver"
     population: PopulationConfig
     de: DEConfig = DEConfig()
     selection: SelectionConfig = SelectionConfig()
     fitness: FitnessConfig
     report: ReportConfig = ReportConfig()
     output: OutputConfig = OutputConfig()
+    kinship: KinshipConfig = KinshipConfig()
+    greedy: GreedyConfig = GreedyConfig()
 
     @model_validator(mode="after")
     def _enough_members(self) -> "EvolveConfig":
+        if self.strategy == "kinship_greedy" and not self.population.base_model:
+            raise ValueError("strategy kinship_greedy needs population.base_model (for kinship)")
+        if self.kinship.needed and not self.population.base_model:
+            raise ValueError("kinship needs population.base_model (kinship compares deltas from it)")
         needed = len(OPERATORS[self.de.operator][0]) + 1
         size = len(self.population.models) + len(self.population.recipes)
         if size < needed:

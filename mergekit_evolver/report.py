@@ -84,6 +84,20 @@ def save_plots(run_dir: Path, ledger: Ledger, specs: Sequence[TaskSpec]) -> list
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    if any(g.get("kinship") is not None for g in gens):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([g["generation"] for g in gens], [g.get("kinship") for g in gens], marker="o")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("generation (0 = initial population)")
+        ax.set_ylabel("mean pairwise kinship")
+        ax.set_title("Population kinship per generation")
+        fig.tight_layout()
+        path = out / "kinship.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     reports = ledger.candidates("report")
     if reports and specs:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(specs) * len(reports) / 3), 4))

@@ -227,8 +227,8 @@ class Run:
             operator=de.operator, mode=mode, generations=de.generations,
             seed=self.config.seed, merged_fitness=merged0,
         )
-        if not self.ledger.generations():
-            self.end_generation(0, strategy, 0.0)
+        # Always, on resume too: its kinship table steers generation 1's donors.
+        self.end_generation(0, strategy, 0.0, paths)
         total = de.generations * len(members)
         bar = tqdm(total=total, desc="candidates", unit="cand", leave=False)
         gen_start = time.perf_counter()
@@ -244,7 +244,7 @@ class Run:
             )
             bar.update(1)
             if strategy.slot == 0:
-                self.end_generation(proposal.generation, strategy, time.perf_counter() - gen_start)
+                self.end_generation(proposal.generation, strategy, time.perf_counter() - gen_start, paths)
                 gen_start = time.perf_counter()
         bar.close()
         return [
@@ -292,7 +292,26 @@ class Run:
             dev=scores, member=member, merge_s=merge_s, eval_s=seconds,
         )
 
-    def end_generation(self, generation: int, strategy: Evolver, seconds: float) -> None:
+    def population_kinship(self, strategy: Evolver, paths: dict[str, Path]) -> Optional[dict]:
+        """Pairwise kinship of the current members, or None when not asked for."""
+        settings = self.config.kinship
+        if not settings.needed:
+            return None
+        from mergekit_evolver.kinship import pairwise_kinship
+
+        ids = list(dict.fromkeys(strategy.members))
+        pairs = pairwise_kinship(
+            [paths[m] for m in ids], self.config.population.base_model, metrics=(settings.metric,)
+        )
+        by_path = {str(paths[m]): m for m in ids}
+        return {
+            tuple(sorted((by_path[str(p["a"])], by_path[str(p["b"])]))): p[settings.metric]
+            for p in pairs
+        }
+
+    def end_generation(
+        self, generation: int, strategy: Evolver, seconds: float, paths: dict[str, Path]
+    ) -> None:
         fits = strategy.fitness
         rows = [c for c in self.ledger.candidates("offspring") if c.generation == generation]
         stats = {
@@ -306,6 +325,16 @@ class Run:
             "merged": strategy.best_merged,
             "seconds": round(seconds, 3),
         }
+        kinship = self.population_kinship(strategy, paths)
+        if kinship is not None:
+            values = [v for v in kinship.values() if v == v]  # NaN: a delta with no variance
+            stats["kinship"] = sum(values) / len(values) if values else None
+            if self.config.kinship.diverse_donors:
+                strategy.set_kinship(kinship)
+            limit = self.config.kinship.stop_above
+            if limit is not None and stats["kinship"] is not None and stats["kinship"] >= limit:
+                stats["stopped"] = f"mean kinship {stats['kinship']:.4f} >= {limit}"
+                strategy.stop()
         self.ledger.record_generation(generation, stats)
         write_generations_log(self.run_dir, self.ledger)
         self.log(
@@ -390,7 +419,12 @@ def evolve(config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Lo
 
     run = Run(config, run_dir, resume=resume, log=log)
     members = run.initial_members()
-    final_members = run.evolve(members)
+    if config.strategy == "kinship_greedy":
+        from mergekit_evolver.greedy import greedy_search
+
+        final_members = greedy_search(run, members)
+    else:
+        final_members = run.evolve(members)
     finish = Finish(run)
     inputs = [Path(p) for p in config.population.models]
     baselines = finish.baselines(inputs)

@@ -262,3 +262,37 @@ def test_evolver_with_a_statistics_merger_keeps_each_slots_original_stats(world,
             assert [e["parameters"]["stats"] for e in entries] == stats, c.step
     assert ledger.find("report/evolved") is not None
     assert ledger.find(f"report/{merger}").fitness is not None
+
+
+def test_kinship_is_tracked_and_can_stop_the_search(world, tmp_path):
+    from mergekit_evolver.kinship import mean_kinship
+
+    config = run_config(world, de__generations=3)
+    config["kinship"] = {"track": True, "diverse_donors": True, "stop_above": -1.0}
+    config["report"] = {"tasks": [], "baselines": []}
+    run(config, tmp_path / "k")
+    gens = Ledger(tmp_path / "k").generations()
+    # Every population has kinship >= -1, so the search stops after generation 0.
+    assert [g["generation"] for g in gens] == [0]
+    assert gens[0]["stopped"].startswith("mean kinship")
+    expected = mean_kinship(world.models, world.base, metrics=("pcc",))["pcc"]
+    assert gens[0]["kinship"] == pytest.approx(expected, rel=1e-9)
+    assert Ledger(tmp_path / "k").candidates("offspring") == []
+    assert (tmp_path / "k/report/kinship.png").is_file()
+
+
+def test_diverse_donors_prefer_unrelated_members():
+    from mergekit_evolver.search.evolver import Evolver
+
+    s = Evolver(["a", "b", "c", "d"], [0.1] * 4, operator="de_current_to_rand1",
+                mode="individual", generations=200, seed=1)
+    s.set_kinship({("a", "b"): 0.95, ("a", "c"): 0.0, ("a", "d"): -0.5,
+                   ("b", "c"): 0.0, ("b", "d"): 0.0, ("c", "d"): 0.0})
+    picks = []
+    while (p := s.ask()) is not None:
+        if p.target == "a":
+            picks.append(p.donors[0])
+        s.tell(p, None, "x")
+    share = {m: picks.count(m) / len(picks) for m in "bcd"}
+    assert share["d"] > share["c"] > share["b"]
+    assert share["b"] > 0  # close relatives are unlikely, not excluded

@@ -78,7 +78,9 @@ class Evolver:
             donors.append(source[best])
             exclude.add(best)
         others = [j for j in range(len(source)) if j not in exclude]
-        picks = rng.choice(others, size=len(roles) - len(donors), replace=False)
+        picks = rng.choice(
+            others, size=len(roles) - len(donors), replace=False, p=self._donor_odds(i, others, source)
+        )
         donors.extend(source[int(j)] for j in picks)
         return Proposal(
             step=f"g{g:03d}/s{i:02d}/offspring",
@@ -89,6 +91,28 @@ class Evolver:
             donors=tuple(donors),
             seed=derive_seed(self.seed, "offspring", g, i),
         )
+
+    def set_kinship(self, kinship: Optional[dict[tuple[str, str], float]]) -> None:
+        """Pairwise kinship of current members, for diversity-preserving donor
+        choice; None (the default) draws donors uniformly."""
+        self.kinship = kinship
+
+    def _donor_odds(self, target: int, others: list[int], source: list[str]):
+        kinship = getattr(self, "kinship", None)
+        if not kinship:
+            return None
+        # Kinship in [-1, 1]: the least related donors are the likeliest, and
+        # none is ruled out, so the search can still mix close relatives.
+        weights = [
+            1.0 - kinship.get(tuple(sorted((source[target], source[j]))), 0.0) + 0.05
+            for j in others
+        ]
+        total = sum(weights)
+        return [w / total for w in weights]
+
+    def stop(self) -> None:
+        """End the search after the current generation (e.g. kinship saturated)."""
+        self.generations = self.generation - 1
 
     def tell(self, proposal: Proposal, fitness: Optional[float], member: str) -> bool:
         """Record the offspring's fitness (None: invalid, e.g. NaN weights).
