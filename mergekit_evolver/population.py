@@ -106,7 +106,33 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-class FileLoader(LazyTensorLoader):
+class _OwnLoader(LazyTensorLoader):
+    """mergekit's loader interface over our own storage: subclasses say how
+    one name is looked up; aliases and errors work as mergekit's do."""
+
+    def _lookup(self, name: str) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    def get_tensor(
+        self,
+        key: str,
+        device: str = "cpu",
+        aliases: Optional[list[str]] = None,
+        raise_on_missing: bool = True,
+    ) -> Optional[torch.Tensor]:
+        for name in [key, *(aliases or [])]:
+            tensor = self._lookup(name)
+            if tensor is not None:
+                return tensor.to(device)
+        if raise_on_missing:
+            raise KeyError(key)
+        return None
+
+    def flush(self) -> None:
+        pass  # nothing held open between tensors
+
+
+class FileLoader(_OwnLoader):
     """mergekit's loader interface, reading each tensor with pread.
 
     safetensors' reader maps whole shards, and the pages it touches stay in the
@@ -126,19 +152,8 @@ class FileLoader(LazyTensorLoader):
             for name, entry in header.items():
                 self._entries[name] = (path, start, entry)
 
-    def get_tensor(
-        self,
-        key: str,
-        device: str = "cpu",
-        aliases: Optional[list[str]] = None,
-        raise_on_missing: bool = True,
-    ) -> Optional[torch.Tensor]:
-        for name in [key, *(aliases or [])]:
-            if name in self._entries:
-                return self._read(*self._entries[name]).to(device)
-        if raise_on_missing:
-            raise KeyError(key)
-        return None
+    def _lookup(self, name: str) -> Optional[torch.Tensor]:
+        return self._read(*self._entries[name]) if name in self._entries else None
 
     @staticmethod
     def _read(path: Path, start: int, entry: dict) -> torch.Tensor:
@@ -157,9 +172,6 @@ class FileLoader(LazyTensorLoader):
                 got += n
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
-    def flush(self) -> None:
-        pass
-
 
 def read_from_files(refs: Iterable[ModelReference]) -> None:
     """Have mergekit read these on-disk individuals through FileLoader."""
@@ -169,7 +181,7 @@ def read_from_files(refs: Iterable[ModelReference]) -> None:
             cache.loaders[ref] = FileLoader(Path(ref.model.path))
 
 
-class MemoryLoader(LazyTensorLoader):
+class MemoryLoader(_OwnLoader):
     """mergekit's loader interface over tensors already in memory."""
 
     def __init__(self, state: StateDict, base_path: str):
@@ -183,22 +195,8 @@ class MemoryLoader(LazyTensorLoader):
         super().__init__(index, lazy_unpickle=False)
         self._state = dict(state)
 
-    def get_tensor(
-        self,
-        key: str,
-        device: str = "cpu",
-        aliases: Optional[list[str]] = None,
-        raise_on_missing: bool = True,
-    ) -> Optional[torch.Tensor]:
-        for name in [key, *(aliases or [])]:
-            if name in self._state:
-                return self._state[name].to(device)
-        if raise_on_missing:
-            raise KeyError(key)
-        return None
-
-    def flush(self) -> None:
-        pass
+    def _lookup(self, name: str) -> Optional[torch.Tensor]:
+        return self._state.get(name)
 
 
 class MemorySlot:
@@ -225,19 +223,21 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes from the safetensors headers, without reading weights."""
-    from safetensors import safe_open
+def safetensors_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from safetensors headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        header, _ = _safetensors_header(Path(file))
+        shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()})
+    return shapes
 
+
+def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a model dir's tensors, without reading weights."""
     shards = sorted(Path(model_dir).glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"no safetensors weights in {model_dir}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+    return safetensors_shapes(shards)
 
 
 def architecture(model_dir: Path) -> str:

@@ -73,6 +73,7 @@ import click
 import torch
 
 from mergekit_evolver.errors import UserError, exits_cleanly
+from mergekit_evolver.population import safetensors_shapes
 
 FORMAT = "mergekit-evolver-stats"
 VERSION = 1
@@ -140,16 +141,6 @@ def read_manifest(stats_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def safetensors_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from safetensors headers only."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
 
 
 @dataclass(frozen=True)
