@@ -177,6 +177,24 @@ class GreedyConfig(Strict):
     # strategy can be compared with others at the same evaluation budget.
     budget: Optional[int] = Field(None, ge=1)
 
+    # Checked at the door rather than at the first merge, after the starting
+    # members were already scored: merged members carry no Gram/Fisher
+    # statistics, and a typo in the method name should not cost an evaluation.
+    @field_validator("merge_method")
+    @classmethod
+    def _pair_method(cls, value: str) -> str:
+        from mergekit import merge_methods
+
+        if value in STATS_METHODS:
+            raise ValueError(f"{value} needs per-model statistics, which merged members do not have")
+        try:
+            contract = merge_methods.get(value).spec.contract
+        except RuntimeError:
+            raise ValueError(f"unknown merge method: {value}") from None
+        if contract.max_inputs is not None and contract.max_inputs < 2:
+            raise ValueError(f"{value} cannot merge two models")
+        return value
+
 
 class OutputConfig(Strict):
     kind: Literal["best", "merged"] = "best"

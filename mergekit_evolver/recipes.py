@@ -103,6 +103,41 @@ def population_recipe(
     return parse_merge_config(data, where=where)
 
 
+def base_is_a_member(method: str) -> bool:
+    """Whether a method merges exactly two models one of which is its base
+    (slerp, nearswap, arcee_fusion): the base is then one of the pair, not the
+    population's common ancestor."""
+    from mergekit import merge_methods
+    from mergekit.merge_methods import BasePolicy
+
+    try:
+        contract = merge_methods.get(method).spec.contract
+    except RuntimeError:
+        return False  # unknown: mergekit will name it when the recipe is planned
+    return contract.base == BasePolicy.REQUIRED and contract.max_inputs == 2
+
+
+def pair_recipe(
+    template: dict[str, Any],
+    fitter: Path,
+    other: Path,
+    base_model: Optional[str],
+    where: str,
+) -> MergeConfiguration:
+    """A mergekit config over two members (kinship greedy merging), `fitter`
+    first. A slerp-like method (`base_is_a_member`) takes `fitter` as its
+    base_model, so t interpolates from it towards `other`; any other method
+    gets both as models and, when its contract wants a base, the population's
+    base_model (task_arithmetic, ties, ...: deltas from the common ancestor)."""
+    if base_is_a_member(str(template.get("merge_method"))):
+        data = dict(template)
+        data["base_model"] = str(fitter)
+        data["models"] = [{"model": str(fitter)}, {"model": str(other)}]
+        data.setdefault("dtype", MERGE_DTYPE)
+        return parse_merge_config(data, where=where)
+    return population_recipe(template, [fitter, other], base_model, where=where)
+
+
 def baseline_recipes(
     name: str,
     members: Sequence[Path],
