@@ -23,7 +23,7 @@ import yaml
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.run import evolve
-from mergekit_evolver.stats import Source, collect_to_dir
+from mergekit_evolver.stats_collect import Source, collect_to_dir
 from mergekit_evolver.testbed import build_testbed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,12 @@ VARIANTS = {
     "Evolver+Fisher": {
         "selection": {"mode": "merged", "merger": {"merge_method": "fisher"}},
         "output": {"kind": "merged"},
+    },
+    # Same budget as the Evolver: at most generations x population merged
+    # candidates scored (it may stop sooner when nothing improves).
+    "Kinship greedy (slerp)": {
+        "strategy": "kinship_greedy",
+        "greedy": {"merge_method": "slerp", "parameters": {"t": 0.5}, "top_k": 3, "max_rounds": 10},
     },
 }
 
@@ -64,7 +70,12 @@ def config_for(variant: dict, seed: int, stats: list[str], config_file: Path) ->
     data["population"]["stats"] = stats
     data["report"]["baselines"] = ["average", "task_arithmetic", "ties", "dare_ties", "regmean", "fisher"]
     for key, value in variant.items():
-        data.setdefault(key, {}).update(value)
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    if data.get("strategy") == "kinship_greedy":
+        data["greedy"]["budget"] = data["de"]["generations"] * len(data["population"]["models"])
     return EvolveConfig.model_validate(data)
 
 
@@ -100,7 +111,8 @@ def main() -> None:
         for seed in seeds:
             config = config_for(variant, seed, stats, Path(args.config))
             budget = config.de.generations * len(config.population.models)
-            run_dir = Path(args.runs) / f"{name.replace('+', '_').lower()}_seed{seed}"
+            slug = "".join(c if c.isalnum() else "_" for c in name.lower())
+            run_dir = Path(args.runs) / f"{slug}_seed{seed}"
             resume = (run_dir / "ledger.sqlite").exists()
             evolve(config, run_dir, resume=resume, log=lambda *_: None)
             ledger = Ledger(run_dir)

@@ -8,7 +8,7 @@ import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_evolver  # noqa: F401  (registers the plugin's merge methods)
-from mergekit_evolver.errors import UserError, exits_cleanly
+from mergekit_evolver.errors import exits_cleanly
 
 DEFAULT_TESTBED = Path(".testbed")
 DEFAULT_DEMO_RUN = Path("runs/demo")
@@ -131,7 +131,7 @@ def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
 
 def _register_commands() -> None:
     from mergekit_evolver.kinship import kinship_command
-    from mergekit_evolver.stats import stats_command
+    from mergekit_evolver.stats_collect import stats_command
 
     main.add_command(kinship_command)
     main.add_command(stats_command)

@@ -9,7 +9,6 @@ uninterrupted run does.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -217,7 +216,6 @@ class Run:
 
     def evolve(self, members: list[Member]) -> list[Member]:
         de, mode = self.config.de, self.config.selection.mode
-        by_id = {m.id: m for m in members}
         paths = {m.id: m.path for m in members}
         merged0 = None
         if mode == "merged":

@@ -243,7 +243,7 @@ def test_task_vector_space_run_records_replayable_recipes(world, tmp_path):
 
 @pytest.mark.parametrize("merger", ["regmean", "fisher"])
 def test_evolver_with_a_statistics_merger_keeps_each_slots_original_stats(world, tmp_path, merger):
-    from mergekit_evolver.stats import Source, collect_to_dir
+    from mergekit_evolver.stats_collect import Source, collect_to_dir
 
     stats = []
     for i, model in enumerate(world.models):

@@ -12,16 +12,14 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_evolver.stats import (
-    MANIFEST,
+from mergekit_evolver.stats import MANIFEST, open_stats, write_stats
+from mergekit_evolver.stats_collect import (
     Source,
     collect_statistics,
     linear_layers,
-    open_stats,
     stats_command,
     task_texts,
     token_batches,
-    write_stats,
 )
 from tiny_models import make_model
 from toy_world import reverse_items, save_model, write_task
