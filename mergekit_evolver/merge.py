@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Optional
@@ -80,6 +81,36 @@ def merge_to_disk(
     run_merge(
         config.model_copy(deep=True), str(out_path), options=options, config_source=config_source
     )
+
+
+def _cache_model_configs() -> None:
+    """mergekit re-reads a model's config.json (AutoConfig.from_pretrained,
+    a few ms) several times per merge; a search merges thousands of times.
+    Local configs are cached by path and file mtime, and handed out as copies
+    because mergekit edits the one it gets for the output model."""
+    from mergekit.common import ModelReference
+
+    if getattr(ModelReference.config, "_cached", False):
+        return
+    read = ModelReference.config
+    cache: dict = {}
+
+    def config(self, trust_remote_code: bool = False):
+        path = os.path.join(self.model.path, "config.json")
+        try:
+            stamp = os.stat(path).st_mtime_ns
+        except OSError:
+            return read(self, trust_remote_code=trust_remote_code)  # hub id: mergekit's way
+        key = (self, trust_remote_code, stamp)
+        if key not in cache:
+            cache[key] = read(self, trust_remote_code=trust_remote_code)
+        return copy.deepcopy(cache[key])
+
+    config._cached = True
+    ModelReference.config = config
+
+
+_cache_model_configs()
 
 
 def merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> StateDict:

@@ -135,9 +135,8 @@ tags: [mergekit, merge, mergekit-evolver, evolutionary-merge]
 ---
 # Evolved merge
 
-Made by [mergekit-evolver](https://github.com/) with differential evolution over
-whole models (the Evolver method), every candidate merged by mergekit and scored
-with lm-evaluation-harness. Selection used dev tasks only; the table below is on
+Made by mergekit-evolver: an evolutionary search over whole models, every
+candidate merged by mergekit and scored with lm-evaluation-harness. Selection used dev tasks only; the table below is on
 held-out tasks.
 
 ## Results

@@ -116,7 +116,8 @@ def write_generations_log(run_dir: Path, ledger: Ledger) -> None:
 class Run:
     def __init__(self, config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Log = print):
         self.config = config
-        self.run_dir = Path(run_dir)
+        # Absolute, so every recorded recipe replays from any working directory.
+        self.run_dir = Path(run_dir).resolve()
         self.log = log
         check_run_dir(self.run_dir, config, resume)
         check_models(config)
