@@ -26,7 +26,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 
 from mergekit_evolver.kinship import pairwise_kinship
 from mergekit_evolver.ledger import Candidate
@@ -83,13 +82,9 @@ def make_child(run: Run, proposal: Proposal, strategy: KinshipGreedy, paths: dic
         recipe=recipe_yaml(recipe), parents=[proposal.base, proposal.other],
         operator=settings.merge_method, note=note,
     )
-    start = time.perf_counter()
-    state = run.merge(recipe)
-    merge_s = time.perf_counter() - start
-    bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
-    if bad:
-        run.log(f"{proposal.step}: rejected, non-finite values in {bad[0]}")
-        return Candidate(**base, status="invalid", merge_s=merge_s, note=f"non-finite: {bad[0]}")
+    state, merge_s, invalid = run.merge_candidate(recipe, proposal.step)
+    if invalid:
+        return Candidate(**base, status="invalid", merge_s=merge_s, note=invalid)
     fitness, scores, seconds, _ = run.score(state, run.dev)
     member = None
     accepted = strategy.accepts(proposal, fitness)

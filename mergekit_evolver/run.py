@@ -146,6 +146,18 @@ class Run:
         read_from_files(m for m in recipe.referenced_models() if m != self.slot.ref)
         return merge_in_memory(recipe, self.options)
 
+    def merge_candidate(self, recipe: MergeConfiguration, step: str):
+        """Merge a candidate and time it; a candidate with NaN or Inf comes back
+        as None with a note (it is rejected and logged, and the run goes on)."""
+        start = time.perf_counter()
+        state = self.merge(recipe)
+        seconds = time.perf_counter() - start
+        bad = next((n for n, t in state.items() if not torch.isfinite(t).all()), None)
+        if bad is None:
+            return state, seconds, None
+        self.log(f"{step}: rejected, non-finite values in {bad}")
+        return None, seconds, f"non-finite: {bad}"
+
     def score(self, state, suite: Suite) -> tuple[Optional[float], dict, float, bool]:
         scored = self.evaluator.score(state, suite)
         return suite.fitness(scored.scores), scored.scores, scored.seconds, scored.cached
@@ -263,13 +275,9 @@ class Run:
             parents=[proposal.target, *proposal.donors], operator=proposal.operator,
             F=de.F, CR=de.CR, seed=proposal.seed,
         )
-        start = time.perf_counter()
-        state = self.merge(recipe)
-        merge_s = time.perf_counter() - start
-        bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
-        if bad:
-            self.log(f"{proposal.step}: rejected, non-finite values in {bad[0]}")
-            return Candidate(**base, status="invalid", merge_s=merge_s, note=f"non-finite: {bad[0]}")
+        state, merge_s, invalid = self.merge_candidate(recipe, proposal.step)
+        if invalid:
+            return Candidate(**base, status="invalid", merge_s=merge_s, note=invalid)
         if self.config.selection.mode == "merged":
             ref = self.slot.serve(state)
             trial = [paths[m] for m in strategy.members]
