@@ -241,7 +241,8 @@ class Run:
         # Always, on resume too: its kinship table steers generation 1's donors.
         self.end_generation(0, strategy, 0.0, paths)
         total = de.generations * len(members)
-        bar = tqdm(total=total, desc="candidates", unit="cand", leave=False)
+        generations = tqdm(total=de.generations, desc="generations", unit="gen", position=0)
+        bar = tqdm(total=total, desc="candidates", unit="cand", leave=False, position=1)
         gen_start = time.perf_counter()
         while (proposal := strategy.ask()) is not None:
             candidate = self.step(proposal.step, lambda p=proposal: self.offspring(p, strategy, paths))
@@ -256,8 +257,10 @@ class Run:
             bar.update(1)
             if strategy.slot == 0:
                 self.end_generation(proposal.generation, strategy, time.perf_counter() - gen_start, paths)
+                generations.update(1)
                 gen_start = time.perf_counter()
         bar.close()
+        generations.close()
         return [
             Member(mid, paths[mid], fit) for mid, fit in zip(strategy.members, strategy.fitness)
         ]

@@ -296,3 +296,19 @@ def test_diverse_donors_prefer_unrelated_members():
     share = {m: picks.count(m) / len(picks) for m in "bcd"}
     assert share["d"] > share["c"] > share["b"]
     assert share["b"] > 0  # close relatives are unlikely, not excluded
+
+
+def test_fitness_honours_higher_is_better(world):
+    base = run_config(world)
+    up = EvolveConfig.model_validate(base)
+    down_cfg = run_config(world)
+    down_cfg["fitness"]["tasks"] = [{"name": "toy_dev", "higher_is_better": False}]
+    down = EvolveConfig.model_validate(down_cfg)
+    scores = {"toy_dev": {"acc": 0.3}}
+    assert Suite(up.fitness.tasks, up.fitness).fitness(scores) == 0.3
+    assert Suite(down.fitness.tasks, down.fitness).fitness(scores) == -0.3
+    weighted = run_config(world)
+    weighted["fitness"]["tasks"] = [{"name": "toy_dev", "weight": 3.0}, {"name": "toy_test", "weight": 1.0}]
+    w = EvolveConfig.model_validate(weighted)
+    assert Suite(w.fitness.tasks, w.fitness).fitness(
+        {"toy_dev": {"acc": 0.2}, "toy_test": {"acc": 0.6}}) == pytest.approx(0.3)
