@@ -19,6 +19,7 @@ from mergekit_evolver.evaluation import Evaluator, Suite
 from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.population import load_state
 from mergekit_evolver.run import evolve
+from lineage_check import assert_lineage_replays
 from tiny_models import load_tensors
 from toy_world import make_world, run_config, save_model, write_task, reverse_items
 
@@ -93,17 +94,7 @@ def test_outputs_model_lineage_report(finished, tmp_path):
     assert not list(model.glob("*.bin"))
     assert "Evolved merge" in (model / "README.md").read_text()
     assert (out / "report" / "fitness.png").is_file() and (out / "report" / "scores.png").is_file()
-    # Every lineage recipe replays to the stored tensors.
-    lineage = sorted((out / "lineage").glob("*.yml"))
-    assert len(lineage) >= 2
-    made = {c.recipe: c.member for c in Ledger(out).candidates() if c.member and c.recipe}
-    for recipe in lineage:
-        replay = tmp_path / recipe.stem
-        done = subprocess.run([CLI, "yaml", str(recipe), str(replay), "--quiet"], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        expected = model if recipe.stem.endswith("final") else Path(made[recipe.read_text()])
-        got, want = load_tensors(replay), load_tensors(expected)
-        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert_lineage_replays(out, tmp_path)
 
 
 def test_report_command_reprints_the_table(finished):

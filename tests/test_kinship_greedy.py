@@ -3,8 +3,6 @@ then whole runs on the toy world (ledger, population, lineage, determinism, resu
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zlib
 from itertools import combinations
 from pathlib import Path
@@ -267,10 +265,10 @@ def test_greedy_config_refuses_methods_that_cannot_merge_a_pair(method, message)
 from mergekit_evolver.config import EvolveConfig  # noqa: E402
 from mergekit_evolver.ledger import Ledger  # noqa: E402
 from mergekit_evolver.run import evolve  # noqa: E402
+from lineage_check import assert_lineage_replays  # noqa: E402
 from tiny_models import load_tensors  # noqa: E402
 from toy_world import make_world, run_config  # noqa: E402
 
-CLI = str(Path(sys.executable).parent / "mergekit-evolver")
 
 
 @pytest.fixture(scope="module")
@@ -351,16 +349,7 @@ def test_final_model_is_the_best_member_and_its_lineage_replays(finished, tmp_pa
     want = load_tensors(finished / "population" / best)
     got = load_tensors(finished / "model")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-    lineage = sorted((finished / "lineage").glob("*.yml"))
-    assert len(lineage) >= 2
-    made = {c.recipe: c.member for c in Ledger(finished).candidates() if c.member and c.recipe}
-    for recipe in lineage:
-        replay = tmp_path / recipe.stem
-        done = subprocess.run([CLI, "yaml", str(recipe), str(replay), "--quiet"], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        expected = finished / "model" if recipe.stem.endswith("final") else Path(made[recipe.read_text()])
-        got, want = load_tensors(replay), load_tensors(expected)
-        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert_lineage_replays(finished, tmp_path)
 
 
 def test_same_config_and_seed_give_the_same_search_and_model(world, finished, tmp_path):
