@@ -29,6 +29,12 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
+def model_path(value: str) -> str:
+    """Absolute, so recorded recipes replay from any directory (and mergekit's
+    model card never mistakes a relative dir for a hub id)."""
+    return os.path.abspath(expand_path(value))
+
+
 class TaskSpec(Strict):
     """One lm-eval task in a fitness or report suite."""
 
@@ -52,6 +58,11 @@ class EvalSettings(Strict):
     limit: Optional[float] = Field(None, gt=0)
     batch_size: int = Field(64, ge=1)
     apply_chat_template: bool = False
+    # Few-shot examples as chat turns (with apply_chat_template), lm-eval's default.
+    fewshot_as_multiturn: bool = True
+    # Shuffle each task's documents (with a fixed seed) before `limit` takes
+    # the first ones, so a limit samples the whole split.
+    shuffle: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -94,7 +105,7 @@ class PopulationConfig(Strict):
     @field_validator("stats", mode="before")
     @classmethod
     def _stats_paths(cls, value: Any) -> Any:
-        return [expand_path(v) for v in value] if isinstance(value, list) else value
+        return [model_path(v) for v in value] if isinstance(value, list) else value
 
     def stats_dirs(self) -> list[str]:
         return self.stats or [str(Path(m) / "stats") for m in self.models]
@@ -103,13 +114,13 @@ class PopulationConfig(Strict):
     @classmethod
     def _paths(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return [expand_path(v["model"] if isinstance(v, dict) else v) for v in value]
+            return [model_path(v["model"] if isinstance(v, dict) else v) for v in value]
         return value
 
     @field_validator("base_model", mode="before")
     @classmethod
     def _base(cls, value: Any) -> Any:
-        return expand_path(value) if isinstance(value, str) else value
+        return model_path(value) if isinstance(value, str) else value
 
 
 class DEConfig(Strict):
@@ -196,14 +207,71 @@ class GreedyConfig(Strict):
         return value
 
 
+class SearchConfig(Strict):
+    """Recipe-space search (strategy: recipe): an optimizer over the parameters
+    of one mergekit recipe over population.models (recipe_genome.py), the
+    working successor of mergekit-evolve."""
+
+    merge_method: str = "task_arithmetic"
+    # Layers per group with their own values (0: one group for all layers).
+    layer_granularity: int = Field(0, ge=0)
+    # Tensor-name filters with their own values (e.g. self_attn, mlp); the
+    # rest of the tensors get one more set.
+    filters: list[str] = []
+    # Values anchored at the groups and interpolated across the layers.
+    smooth: bool = False
+    normalize: Optional[bool] = None
+    allow_negative_weights: bool = False
+    # Per-parameter box, e.g. {weight: [0, 2]}; defaults in recipe_genome.
+    bounds: dict[str, tuple[float, float]] = {}
+    # The default recipe's values (weight defaults to 1/models).
+    start: dict[str, float] = {}
+    # Start from a random point of the box (mergekit-evolve's random_init),
+    # not from the default recipe.
+    random_start: bool = False
+    tokenizer_source: Optional[str] = None
+    optimizer: Literal["de", "cmaes"] = "de"
+    # Candidates scored by the search (the starting population included).
+    budget: int = Field(60, ge=1)
+    # DE: 10 if unset; CMA-ES: pycma's 4 + 3 ln(dimensions) if unset.
+    population_size: Optional[int] = Field(None, ge=2)
+    de_strategy: Literal["rand/1/bin", "best/1/bin", "current-to-best/1/bin"] = "rand/1/bin"
+    F: float = Field(0.5, ge=0.0, le=2.0)
+    CR: float = Field(0.9, ge=0.0, le=1.0)
+    jde: bool = False
+    # steady: each DE trial is built from the population as it stands and
+    # replaces its target at once (no generation barrier).
+    mode: Literal["generational", "steady"] = "generational"
+    boundary: Literal["reflect", "clip"] = "reflect"
+    sigma0: float = Field(1 / 6, gt=0)
+    # Then run the weight-space Evolver (de:) over population.models plus
+    # the best recipe's merged model.
+    hybrid: bool = False
+
+    @field_validator("merge_method")
+    @classmethod
+    def _searchable(cls, value: str) -> str:
+        from mergekit_evolver.recipe_genome import METHOD_PARAMETERS
+
+        if value not in METHOD_PARAMETERS:
+            raise ValueError(f"cannot search {value}; choose one of {', '.join(METHOD_PARAMETERS)}")
+        return value
+
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _tokenizer(cls, value: Any) -> Any:
+        return expand_path(value) if isinstance(value, str) else value
+
+
 class OutputConfig(Strict):
     kind: Literal["best", "merged"] = "best"
 
 
 class EvolveConfig(Strict):
     seed: int = Field(0, ge=0)
-    # evolver: DE over whole models; kinship_greedy: top-k greedy pair merging.
-    strategy: Literal["evolver", "kinship_greedy"] = "evolver"
+    # evolver: DE over whole models; kinship_greedy: top-k greedy pair merging;
+    # recipe: DE or CMA-ES over a mergekit recipe's parameters.
+    strategy: Literal["evolver", "kinship_greedy", "recipe"] = "evolver"
     population: PopulationConfig
     de: DEConfig = DEConfig()
     selection: SelectionConfig = SelectionConfig()
@@ -212,6 +280,7 @@ class EvolveConfig(Strict):
     output: OutputConfig = OutputConfig()
     kinship: KinshipConfig = KinshipConfig()
     greedy: GreedyConfig = GreedyConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
     def _enough_members(self) -> "EvolveConfig":
@@ -221,7 +290,15 @@ class EvolveConfig(Strict):
             raise ValueError("kinship needs population.base_model (kinship compares deltas from it)")
         needed = len(OPERATORS[self.de.operator][0]) + 1
         size = len(self.population.models) + len(self.population.recipes)
-        if size < needed:
+        weight_space = self.strategy == "evolver" or (self.strategy == "recipe" and self.search.hybrid)
+        if self.strategy == "recipe":
+            size += 1  # the hybrid's best-recipe member
+            if self.population.recipes and not self.search.hybrid:
+                raise ValueError(
+                    "population.recipes adds weight-space members; strategy recipe "
+                    "searches over population.models (set search.hybrid to evolve both)"
+                )
+        if weight_space and size < needed:
             raise ValueError(
                 f"de.operator {self.de.operator} needs a population of at least "
                 f"{needed} (x and {needed - 1} distinct donors); got {size}"

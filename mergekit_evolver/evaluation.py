@@ -33,7 +33,9 @@ class Suite:
         self.settings = settings
         names = [s.name for s in self.specs]
         manager = fitness.resolve_task_manager(names, settings.include_path)
-        self.loaded = fitness.load_tasks(manager, names, num_fewshot=settings.num_fewshot)
+        self.loaded = fitness.load_tasks(
+            manager, names, num_fewshot=settings.num_fewshot, shuffle=settings.shuffle
+        )
         self.tasks = self.loaded["tasks"]
         self.higher_is_better: dict[str, bool] = {}
         for spec in self.specs:
@@ -57,6 +59,8 @@ class Suite:
                 "limit": self.settings.limit,
                 "num_fewshot": self.settings.num_fewshot,
                 "chat": self.settings.apply_chat_template,
+                "multiturn": self.settings.fewshot_as_multiturn,
+                "shuffle": self.settings.shuffle,
                 "dtype": self.settings.dtype,
             },
             sort_keys=True,
@@ -68,7 +72,8 @@ class Suite:
         if limit is not None and limit >= 1:
             limit = int(limit)
         scores = fitness.run_tasks(
-            lm, self.loaded, limit=limit, apply_chat_template=self.settings.apply_chat_template
+            lm, self.loaded, limit=limit, apply_chat_template=self.settings.apply_chat_template,
+            fewshot_as_multiturn=self.settings.fewshot_as_multiturn,
         )
         return {name: scores[name] for name in self.tasks}
 
@@ -102,6 +107,21 @@ class Scored:
     content_hash: str
     cached: bool
     seconds: float
+
+
+def check_chat_template(like: Path, settings: EvalSettings) -> None:
+    """apply_chat_template on a tokenizer without one fails deep inside lm-eval;
+    say so at the door (mergekit-evolve configs turn it on by default)."""
+    if not settings.apply_chat_template:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(like, trust_remote_code=settings.trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"fitness.apply_chat_template is on, but the tokenizer of {like} has no chat "
+            "template; set apply_chat_template: false"
+        )
 
 
 class ResidentModel:

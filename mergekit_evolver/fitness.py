@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_evolver.rng import keep_global_rng
+
 __all__ = [
     "score_model",
     "hflm",
@@ -147,26 +149,6 @@ def offline() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _keep_global_rng() -> Iterator[None]:
-    """Python, numpy and torch global RNG states restored afterwards: lm-eval draws
-    from `random` while loading tasks (Task.task_name's default argument)."""
-    import random
-
-    import numpy as np
-
-    py, npy, th = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.random.set_rng_state(th)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-@contextlib.contextmanager
 def _quiet(enabled: bool) -> Iterator[None]:
     """lm-eval & co. loggers at ERROR and progress bars off, restored afterwards."""
     if not enabled:
@@ -247,10 +229,18 @@ def hflm(model: torch.nn.Module, tokenizer, *, batch_size: int = 64, max_length:
 
 
 def load_tasks(
-    tm, tasks: Sequence[str], *, num_fewshot: int | None = None, fewshot_seed: int = 1234
+    tm,
+    tasks: Sequence[str],
+    *,
+    num_fewshot: int | None = None,
+    fewshot_seed: int = 1234,
+    shuffle: bool = False,
 ) -> dict:
-    """Load and configure tasks once; the result can be scored many times."""
-    with offline(), _quiet(True), _keep_global_rng():
+    """Load and configure tasks once; the result can be scored many times.
+    `shuffle` reorders each task's documents with fewshot_seed (mergekit-evolve
+    shuffled unseeded), so a `limit` takes a sample of the split, the same one
+    on every call."""
+    with offline(), _quiet(True), keep_global_rng():
         loaded = tm.load(list(tasks))
         for task_obj in loaded["tasks"].values():
             # The per-task setup simple_evaluate does, minus its global reseeding.
@@ -259,7 +249,17 @@ def load_tasks(
             elif task_obj.get_config("num_fewshot") is None:
                 task_obj.set_config(key="num_fewshot", value=0)
             task_obj.set_fewshot_seed(seed=fewshot_seed)
+            if shuffle:
+                _shuffle_documents(task_obj, fewshot_seed)
     return loaded
+
+
+def _shuffle_documents(task_obj, seed: int) -> None:
+    dataset = getattr(task_obj, "dataset", None)
+    if dataset is None or not hasattr(dataset, "keys"):
+        raise ValueError(f"task {task_obj.config.task}: its documents cannot be shuffled")
+    for split in list(dataset.keys()):
+        dataset[split] = dataset[split].shuffle(seed=seed)
 
 
 def run_tasks(
@@ -268,12 +268,13 @@ def run_tasks(
     *,
     limit: int | float | None = None,
     apply_chat_template: bool | str = False,
+    fewshot_as_multiturn: bool = True,
     quiet: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Score loaded tasks with lm-eval's own evaluate(); task -> metric -> value."""
     from lm_eval.evaluator import evaluate
 
-    with offline(), _quiet(quiet), _keep_global_rng():
+    with offline(), _quiet(quiet), keep_global_rng():
         results = evaluate(
             lm=lm,
             task_dict=loaded,
@@ -281,7 +282,7 @@ def run_tasks(
             bootstrap_iters=0,
             log_samples=False,
             apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=True,  # simple_evaluate's default
+            fewshot_as_multiturn=fewshot_as_multiturn,
         )
     return {name: _metrics(entry) for name, entry in results["results"].items()}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import transformers
 import yaml
 from mergekit.architecture import get_architecture_info
 from mergekit.config import InputModelDefinition, MergeConfiguration
@@ -20,6 +21,7 @@ from mergekit.plan import MergePlanner
 import mergekit_evolver  # noqa: F401  (the plugin's methods must be registered)
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.methods.de import check_recipe
+from mergekit_evolver.rng import keep_global_rng
 from mergekit_evolver.stats import check_stats_recipe
 
 StateDict = dict[str, torch.Tensor]
@@ -122,7 +124,18 @@ def merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> StateD
     that works around it, by planning with the planner's own _plan() and building
     the ReturnTensor targets without that validation. The planner mutates its
     config, so it gets a copy.
+
+    Like run_merge, it seeds the global RNG with options.random_seed first, so a
+    randomized method (DARE, DELLA) draws here exactly what `mergekit-yaml
+    --random-seed` draws for the same recipe; the caller's RNG state is kept.
     """
+    with keep_global_rng():
+        if options.random_seed is not None:
+            transformers.trainer_utils.set_seed(options.random_seed)
+        return _merge_in_memory(config, options)
+
+
+def _merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> StateDict:
     LoaderCache().setup(options)
     arch_info = get_architecture_info(config, options)
     out_config = _model_out_config(

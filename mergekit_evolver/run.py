@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.evaluation import Evaluator, Suite, resolve_device
+from mergekit_evolver.evaluation import Evaluator, Suite, check_chat_template, resolve_device
 from mergekit_evolver.ledger import LEDGER_FILE, Candidate, Ledger
 from mergekit_evolver.merge import merge_in_memory, merge_to_disk, recipe_yaml
 from mergekit_evolver.population import (
@@ -124,6 +124,14 @@ class Run:
         settings = config.fitness
         self.dev = Suite(config.fitness.tasks, settings)
         self.report_suite = Suite(config.report.tasks, settings) if config.report.tasks else None
+        check_chat_template(Path(config.population.models[0]), settings)
+        self.genome = None
+        if config.strategy == "recipe":
+            from mergekit_evolver.recipe_search import build_genome
+
+            self.genome = build_genome(config)
+        # Generation numbers of a weight-space stage after a recipe search.
+        self.generation_offset = 0
         # Everything the user gave us checked out: only now is the run dir made.
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.run_dir)
@@ -158,6 +166,16 @@ class Run:
         self.log(f"{step}: rejected, non-finite values in {bad}")
         return None, seconds, f"non-finite: {bad}"
 
+    def materialize(self, recipe: MergeConfiguration, dest: Path, **options) -> Path:
+        """Write a recipe's model to dest with mergekit's writer, atomically: a
+        crash leaves at most a .partial dir that the next attempt replaces."""
+        if not dest.exists():
+            tmp = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            merge_to_disk(recipe, tmp, self.options.model_copy(update=options))
+            tmp.rename(dest)
+        return dest
+
     def score(self, state, suite: Suite) -> tuple[Optional[float], dict, float, bool]:
         scored = self.evaluator.score(state, suite)
         return suite.fitness(scored.scores), scored.scores, scored.seconds, scored.cached
@@ -181,11 +199,7 @@ class Run:
                     template, [m.path for m in members], self.config.population.base_model,
                     where=f"population.recipes.{name}",
                 )
-                if not dest.exists():
-                    tmp = dest.with_name(dest.name + ".partial")
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    merge_to_disk(recipe, tmp, self.options)
-                    tmp.rename(dest)
+                self.materialize(recipe, dest)
                 return Candidate(
                     step=f"init/recipe/{name}", generation=0, role="member", status="accepted",
                     recipe=recipe_yaml(recipe), parents=[m.id for m in members], member=str(dest),
@@ -345,7 +359,7 @@ class Run:
             if limit is not None and stats["kinship"] is not None and stats["kinship"] >= limit:
                 stats["stopped"] = f"mean kinship {stats['kinship']:.4f} >= {limit}"
                 strategy.stop()
-        self.ledger.record_generation(generation, stats)
+        self.ledger.record_generation(self.generation_offset + generation, stats)
         write_generations_log(self.run_dir, self.ledger)
         self.log(
             f"generation {generation}: best {stats['best']:.4f} mean {stats['mean']:.4f} "
@@ -393,13 +407,7 @@ class Finish:
 
     def write_model(self, recipe: MergeConfiguration) -> Path:
         run = self.run
-        dest = run.run_dir / "model"
-        if not dest.exists():
-            tmp = run.run_dir / "model.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            merge_to_disk(recipe, tmp, run.options.model_copy(update={"copy_tokenizer": True}))
-            tmp.rename(dest)
-        return dest
+        return run.materialize(recipe, run.run_dir / "model", copy_tokenizer=True)
 
     def report(self, entries: list[tuple[str, MergeConfiguration | Path]]) -> None:
         """Score each entry on the held-out suite; dev fitness rides along."""
@@ -429,16 +437,22 @@ def evolve(config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Lo
 
     run = Run(config, run_dir, resume=resume, log=log)
     members = run.initial_members()
+    final = None
     if config.strategy == "kinship_greedy":
         from mergekit_evolver.greedy import greedy_search
 
         final_members = greedy_search(run, members)
+    elif config.strategy == "recipe":
+        from mergekit_evolver.recipe_search import recipe_strategy
+
+        final_members, final = recipe_strategy(run, members)
     else:
         final_members = run.evolve(members)
     finish = Finish(run)
     inputs = [Path(p) for p in config.population.models]
     baselines = finish.baselines(inputs)
-    final = finish.final_recipe(final_members)
+    if final is None:
+        final = finish.final_recipe(final_members)
     model_dir = finish.write_model(final)
     entries: list[tuple[str, MergeConfiguration | Path]] = [
         (Path(m.path).name if m.id.startswith("m") else m.id, m.path) for m in members

@@ -4,6 +4,11 @@ Higher fitness is better (pycma minimises, so it is told -f). Bounds use
 pycma's own BoundTransform, a smooth reflection into the box, so every asked
 vector is inside it. mergekit-evolve never seeded its optimizer; here the seed
 is always set (pycma reads seed 0 as "from the clock", so it gets seed + 1).
+
+pycma samples from numpy's global generator, which mergekit (set_seed before a
+seeded merge) and others also use. Each ask runs on this optimizer's own saved
+global state, and the caller's is put back, so the samples depend on the seed
+and the told fitness only.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+
+from mergekit_evolver.search.vector_de import Trial
 
 
 class CMAES:
@@ -39,21 +46,38 @@ class CMAES:
             options["popsize"] = int(population_size)
         # sigma0 is relative to the box width, as mergekit-evolve's 1/6 of [0, 1].
         scale = float(np.max(self.hi - self.lo))
-        self.es = cma.CMAEvolutionStrategy(start.tolist(), sigma0 * scale, options)
+        outer = np.random.get_state()
+        try:
+            self.es = cma.CMAEvolutionStrategy(start.tolist(), sigma0 * scale, options)
+            self._rng_state = np.random.get_state()
+        finally:
+            np.random.set_state(outer)
         self._best: tuple[Optional[np.ndarray], float] = (None, -np.inf)
+
+    @property
+    def population_size(self) -> int:
+        return int(self.es.popsize)
 
     @property
     def best(self) -> tuple[Optional[np.ndarray], float]:
         return self._best
 
-    def ask(self) -> list[np.ndarray]:
-        return [np.asarray(x, dtype=float) for x in self.es.ask()]
+    def ask(self) -> list[Trial]:
+        outer = np.random.get_state()
+        try:
+            np.random.set_state(self._rng_state)
+            xs = self.es.ask()
+            self._rng_state = np.random.get_state()
+        finally:
+            np.random.set_state(outer)
+        return [Trial(np.asarray(x, dtype=float), i) for i, x in enumerate(xs)]
 
-    def tell(self, xs: Sequence[np.ndarray], fitness: Sequence[float]) -> None:
+    def tell(self, trials: Sequence[Trial], fitness: Sequence[float]) -> None:
+        """A whole generation's fitness (NaN or None: worse than any other)."""
         values = [(-np.inf if f is None or np.isnan(f) else float(f)) for f in fitness]
-        for x, f in zip(xs, values, strict=True):
+        for t, f in zip(trials, values, strict=True):
             if f > self._best[1]:
-                self._best = (np.asarray(x).copy(), f)
+                self._best = (t.x.copy(), f)
         # A failed candidate is the worst possible, not a hole in the generation.
         worst = min((f for f in values if np.isfinite(f)), default=0.0)
-        self.es.tell([list(x) for x in xs], [-(f if np.isfinite(f) else worst - 1.0) for f in values])
+        self.es.tell([list(t.x) for t in trials], [-(f if np.isfinite(f) else worst - 1.0) for f in values])
