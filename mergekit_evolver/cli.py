@@ -44,9 +44,18 @@ def yaml_command(merge_options: MergeOptions, config_file: str, out_path: str) -
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run dir: ledger, population, model, report.")
 @click.option("--resume", is_flag=True, help="Continue the run already in --out.")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--max-fevals", type=click.IntRange(min=1), help="mergekit-evolve configs: candidates to score (default 100).")
+@click.option("--random-seed", type=click.IntRange(min=0), help="mergekit-evolve configs: the seed (default 0).")
+@click.option("--sigma0", type=click.FloatRange(min=0, min_open=True), help="mergekit-evolve configs: CMA-ES initial sigma (default 1/6).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="mergekit-evolve configs: evaluation batch size.")
+@click.option("--task-search-path", multiple=True, type=click.Path(file_okay=False), help="mergekit-evolve configs: folders of local lm-eval tasks.")
+@click.option("allow_benchmarks", "--i-understand-the-depths-of-the-evils-i-am-unleashing", is_flag=True,
+              help="mergekit-evolve configs: allow selecting on public benchmark tasks.")
 @exits_cleanly(debug=lambda kwargs: kwargs["verbose"])
-def evolve_command(config_file: str, run_dir: str, resume: bool, verbose: bool) -> None:
-    """Evolve a population of models (DE, the Evolver method) from CONFIG_FILE.
+def evolve_command(config_file: str, run_dir: str, resume: bool, verbose: bool, **evolve_flags) -> None:
+    """Run the search in CONFIG_FILE: the Evolver (DE over whole models),
+    kinship-guided greedy merging, or DE / CMA-ES over a mergekit recipe's
+    parameters. A mergekit-evolve config (genome:, tasks:) is accepted as it is.
 
     Selection sees dev tasks only; the final table is on the report tasks.
     A run killed at any point continues with --resume to the same result."""
@@ -55,8 +64,9 @@ def evolve_command(config_file: str, run_dir: str, resume: bool, verbose: bool) 
 
     from tqdm import tqdm
 
+    config = load_evolve_config(config_file, evolve_flags)
     # tqdm.write keeps log lines from tearing the progress bars.
-    evolve(load_evolve_config(config_file), Path(run_dir), resume=resume, log=tqdm.write)
+    evolve(config, Path(run_dir), resume=resume, log=tqdm.write)
 
 
 @main.command("report")

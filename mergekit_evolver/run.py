@@ -127,9 +127,10 @@ class Run:
         check_chat_template(Path(config.population.models[0]), settings)
         self.genome = None
         if config.strategy == "recipe":
-            from mergekit_evolver.recipe_search import build_genome
+            from mergekit_evolver.recipe_search import build_genome, make_optimizer
 
             self.genome = build_genome(config)
+            make_optimizer(config, self.genome)  # its settings are checked before anything is made
         # Generation numbers of a weight-space stage after a recipe search.
         self.generation_offset = 0
         # Everything the user gave us checked out: only now is the run dir made.

@@ -91,12 +91,13 @@ def test_de_and_jde_find_the_optimum_of_a_sphere_reproducibly():
     assert np.all((de.F >= 0.1) & (de.F <= 1.0)) and np.all((de.CR >= 0) & (de.CR <= 1))
 
 
+@pytest.mark.filterwarnings("error")  # e.g. pycma's InjectionWarning when told copies
 def test_cma_es_is_seeded_bounded_and_finds_the_optimum():
     runs = []
     for _ in range(2):
-        es = CMAES(LO, HI, seed=5)
+        es = CMAES(np.zeros(8), np.ones(8), seed=5, x0=[0.1] * 8, population_size=4)
         seen = []
-        for _ in range(60):
+        for _ in range(120):
             trials = es.ask()
             seen.extend(t.x for t in trials)
             np.random.seed(len(seen))  # others' use of numpy's global RNG changes nothing

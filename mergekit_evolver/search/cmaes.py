@@ -80,4 +80,6 @@ class CMAES:
                 self._best = (t.x.copy(), f)
         # A failed candidate is the worst possible, not a hole in the generation.
         worst = min((f for f in values if np.isfinite(f)), default=0.0)
-        self.es.tell([list(t.x) for t in trials], [-(f if np.isfinite(f) else worst - 1.0) for f in values])
+        # The asked arrays themselves: pycma recognises the solutions it injected
+        # (its mean-shift samples) by their data, and a list is not matched.
+        self.es.tell([t.x for t in trials], [-(f if np.isfinite(f) else worst - 1.0) for f in values])
