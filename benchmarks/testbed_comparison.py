@@ -12,10 +12,8 @@ baselines have no spread). Run dirs are kept, so a rerun only reprints.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import statistics
 from pathlib import Path
 
 import yaml
@@ -24,9 +22,8 @@ from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.run import evolve
 from mergekit_evolver.stats_collect import Source, collect_to_dir
-from mergekit_evolver.testbed import build_testbed
+from testbed_runs import fmt, group_means, parse_args, testbed_for
 
-ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "Evolver": {},
@@ -79,30 +76,10 @@ def config_for(variant: dict, seed: int, stats: list[str], config_file: Path) ->
     return EvolveConfig.model_validate(data)
 
 
-def group_means(candidate, config: EvolveConfig) -> dict[str, float]:
-    groups: dict[str, list[float]] = {}
-    for spec in config.report.tasks:
-        groups.setdefault(spec.group, []).append(candidate.test[spec.name]["acc"])
-    return {g: sum(v) / len(v) for g, v in groups.items()}
-
-
-def fmt(values: list[float]) -> str:
-    if len(set(values)) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--runs", default="runs/compare")
-    parser.add_argument("--testbed", default=".testbed")
-    parser.add_argument("--config", default=str(ROOT / "examples" / "demo.yml"))
-    args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-
-    testbed = build_testbed(Path(args.testbed), reuse=True, log=lambda *_: None)
-    os.environ["TESTBED"] = str(testbed.root.resolve())
+    args = parse_args(__doc__.splitlines()[0], "runs/compare")
+    seeds = args.seeds
+    testbed = testbed_for(args)
     stats = specialist_stats(testbed)
 
     rows: dict[str, dict[str, list[float]]] = {}

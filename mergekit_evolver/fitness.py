@@ -251,7 +251,31 @@ def load_tasks(
             task_obj.set_fewshot_seed(seed=fewshot_seed)
             if shuffle:
                 _shuffle_documents(task_obj, fewshot_seed)
+            _reuse_requests(task_obj)
     return loaded
+
+
+def _reuse_requests(task_obj) -> None:
+    """lm-eval's evaluate() rebuilds every request of a task (documents,
+    prompts, few-shot contexts) on each call; a search scores the same requests
+    for thousands of candidates. The task builds them once per set of
+    arguments, and later calls get the same Instances with their responses
+    cleared, which is all evaluate() writes into them."""
+    build = task_obj.build_all_requests
+    built: dict[str, list] = {}
+
+    def build_all_requests(**kwargs) -> None:
+        key = repr(sorted(kwargs.items()))
+        if key not in built:
+            build(**kwargs)
+            built[key] = task_obj._instances
+            return
+        for instance in built[key]:
+            instance.resps = []
+            instance.filtered_resps = {}
+        task_obj._instances = built[key]
+
+    task_obj.build_all_requests = build_all_requests
 
 
 def _shuffle_documents(task_obj, seed: int) -> None:

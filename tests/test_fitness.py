@@ -143,3 +143,42 @@ def test_task_manager_is_cached_per_include_path(tiny_testbed):
     assert task_manager([tiny_testbed.include_path]) is a
     assert task_manager(tiny_testbed.include_path, include_defaults=False) is a
     assert "tb_rev_test" in a.all_tasks
+
+
+def test_requests_built_once_score_like_freshly_built_ones(tiny_testbed):
+    """Loaded tasks keep their built requests across calls (responses cleared):
+    scoring another model's weights with them equals scoring with tasks loaded
+    afresh, and the second call does not rebuild."""
+    from mergekit_evolver import fitness
+
+    names = [tiny_testbed.dev_task("rev"), tiny_testbed.dev_task("argmax")]
+    manager = fitness.resolve_task_manager(names, tiny_testbed.include_path)
+    model, tok = _load(tiny_testbed.base)
+    lm = fitness.hflm(model, tok)
+    kept = fitness.load_tasks(manager, names)
+    fitness.run_tasks(lm, kept)
+    built = {n: kept["tasks"][n].instances for n in names}
+    first = [list(i.resps) for n in names for i in built[n]]
+    spec, _ = _load(tiny_testbed.models()["spec_rev"])
+    model.load_state_dict(spec.state_dict())
+    again = fitness.run_tasks(lm, kept)
+    assert all(kept["tasks"][n].instances is built[n] for n in names)
+    assert again == fitness.run_tasks(lm, fitness.load_tasks(manager, names))
+    second = [list(i.resps) for n in names for i in built[n]]
+    # One response per request, the new model's (not appended to the first's).
+    assert all(len(r) == 1 for r in second) and second != first
+
+
+def test_shuffle_reorders_documents_the_same_way_every_time(tiny_testbed):
+    from mergekit_evolver import fitness
+
+    name = tiny_testbed.dev_task("rev")
+    manager = fitness.resolve_task_manager([name], tiny_testbed.include_path)
+
+    def docs(shuffle):
+        task = fitness.load_tasks(manager, [name], shuffle=shuffle)["tasks"][name]
+        return [d["prompt"] for d in task.eval_docs]
+
+    plain, shuffled = docs(False), docs(True)
+    assert sorted(plain) == sorted(shuffled) and plain != shuffled
+    assert docs(True) == shuffled
