@@ -146,9 +146,9 @@ def test_task_manager_is_cached_per_include_path(tiny_testbed):
 
 
 def test_requests_built_once_score_like_freshly_built_ones(tiny_testbed):
-    """Loaded tasks keep their built requests across calls (responses cleared):
-    scoring another model's weights with them equals scoring with tasks loaded
-    afresh, and the second call does not rebuild."""
+    """Loaded tasks keep their built requests across calls (responses cleared),
+    and the lm keeps each request's tokens: scoring another model's weights
+    this way equals scoring with tasks and an lm made afresh."""
     from mergekit_evolver import fitness
 
     names = [tiny_testbed.dev_task("rev"), tiny_testbed.dev_task("argmax")]
@@ -163,7 +163,9 @@ def test_requests_built_once_score_like_freshly_built_ones(tiny_testbed):
     model.load_state_dict(spec.state_dict())
     again = fitness.run_tasks(lm, kept)
     assert all(kept["tasks"][n].instances is built[n] for n in names)
-    assert again == fitness.run_tasks(lm, fitness.load_tasks(manager, names))
+    # A fresh lm (nothing tokenized yet) on freshly built requests agrees.
+    assert again == fitness.run_tasks(fitness.hflm(model, tok), fitness.load_tasks(manager, names))
+    assert len(lm._encoded_pairs) == sum(len(built[n]) for n in names)  # each pair tokenized once
     second = [list(i.resps) for n in names for i in built[n]]
     # One response per request, the new model's (not appended to the first's).
     assert all(len(r) == 1 for r in second) and second != first
