@@ -293,6 +293,12 @@ class EvolveConfig(Strict):
         weight_space = self.strategy == "evolver" or (self.strategy == "recipe" and self.search.hybrid)
         if self.strategy == "recipe":
             size += 1  # the hybrid's best-recipe member
+            weightless = not self.search.hybrid
+            if weightless and (self.selection.mode == "merged" or self.output.kind == "merged"):
+                raise ValueError(
+                    "strategy recipe returns the best recipe; merged selection and output "
+                    "are for a weight-space population (set search.hybrid)"
+                )
             if self.population.recipes and not self.search.hybrid:
                 raise ValueError(
                     "population.recipes adds weight-space members; strategy recipe "

@@ -200,10 +200,15 @@ def refused(tmp_path: Path, config: dict, *flags: str) -> str:
         ({"population_size": 3}, "rand/1/bin needs a population of at least 5"),
         ({"F": 3}, "search.F: Input should be less than or equal to 2"),
         ({"optimizer": "pso"}, "search.optimizer"),
+        ({"output": {"kind": "merged"}}, "merged selection and output are for a weight-space population"),
     ],
 )
 def test_bad_search_settings(world, tmp_path, change, message):
     config = recipe_config(world)
+    change = dict(change)
+    top = change.pop("output", None)
+    if top:
+        config["output"] = top
     config["search"].update(change)
     assert message in refused(tmp_path, config)
 
