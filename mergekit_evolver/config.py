@@ -262,6 +262,12 @@ class SearchConfig(Strict):
     def _tokenizer(cls, value: Any) -> Any:
         return expand_path(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _steady_is_de(self) -> "SearchConfig":
+        if self.mode == "steady" and self.optimizer != "de":
+            raise ValueError("mode steady is for optimizer de (CMA-ES learns from whole generations)")
+        return self
+
 
 class OutputConfig(Strict):
     kind: Literal["best", "merged"] = "best"

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from mergekit.config import MergeConfiguration
 from tqdm import tqdm
 
@@ -99,7 +98,8 @@ class RecipeSearch:
 
     def search(self) -> Best:
         budget, steady = self.settings.budget, self.settings.mode == "steady"
-        per_generation = getattr(self.optimizer, "pop", np.empty(0)).shape[0] if steady else None
+        # Steady DE asks one trial at a time; a logged generation is then a population's worth.
+        per_generation = len(self.optimizer.pop) if steady else None
         bar = tqdm(total=budget, desc="candidates", unit="cand", leave=False)
         rows: list[Candidate] = []
         start = time.perf_counter()

@@ -200,6 +200,7 @@ def refused(tmp_path: Path, config: dict, *flags: str) -> str:
         ({"population_size": 3}, "rand/1/bin needs a population of at least 5"),
         ({"F": 3}, "search.F: Input should be less than or equal to 2"),
         ({"optimizer": "pso"}, "search.optimizer"),
+        ({"optimizer": "cmaes", "mode": "steady"}, "mode steady is for optimizer de"),
         ({"output": {"kind": "merged"}}, "merged selection and output are for a weight-space population"),
     ],
 )
