@@ -1,20 +1,35 @@
 """Share of a testbed run's wall time spent outside lm-eval's model calls.
 
 Run: .venv/bin/python benchmarks/eval_overhead.py [--testbed .testbed] [--config examples/demo.yml]
+     [--generations G] [--width W --layers L]
 
 Builds (or reuses) the testbed, runs the example config in a scratch run dir,
 and times every call into lm-eval's HF model (loglikelihood,
 loglikelihood_rolling, generate_until: batching, tokenizing and forward
-passes). Everything else (merging, hashing, copying weights in, request
-building, ledger, files) is overhead. Target: at most 10% of the search's wall
-time. The whole run's share, with one-time setup, baselines and the report, is
-printed too.
+passes). Everything else is overhead. Target: at most 10% of the search's
+wall time. The whole run's share, with one-time setup, baselines and the
+report, is printed too.
+
+The search's time per candidate is split into lm-eval's model calls, the rest
+of lm-eval's evaluate() (per-document process_results, filters,
+aggregation), mergekit's in-memory merge (planner, executor and the DE
+kernel), and the rest, which is this project's code (weights copied in,
+content hash, ledger, accepted offspring written). The floor line times the
+cheapest merge mergekit can do on this model, a linear merge of two members:
+it and lm-eval's own share are paid by any search that scores mergekit merges
+with lm-eval.
+
+--width W --layers L swap the testbed's 144K-parameter specialists for random
+Llamas of that width and depth (same tokenizer and tasks; head size 16), to
+show how the share moves with model size. Their scores mean nothing; only the
+timings do.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import tempfile
 import time
@@ -23,56 +38,178 @@ from pathlib import Path
 from lm_eval.models.huggingface import HFLM
 
 MODEL_CALLS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+FLOOR_REPEATS = 50
+
+
+class Clock:
+    """Seconds and calls accumulated per label, counted only while `on`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.on = False
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                if self.on:
+                    self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+                    self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(owner, name, timed)
+
+
+def random_population(root: Path, like: Path, width: int, layers: int, n: int) -> tuple[list[Path], Path]:
+    """A random base Llama and n perturbed copies, with the testbed's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mergekit_evolver.population import copy_side_files
+
+    config = AutoConfig.from_pretrained(like)
+    config.update(dict(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=width // 16, num_key_value_heads=width // 16, head_dim=16,
+    ))
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    paths = []
+    for i in range(n + 1):
+        dest = root / ("base" if i == 0 else f"member{i}")
+        dest.mkdir(parents=True)
+        copy_side_files(like, dest)  # tokenizer; save_pretrained writes the new config.json
+        model = base
+        if i:
+            model = AutoModelForCausalLM.from_config(config)
+            with torch.no_grad():
+                for mine, theirs in zip(model.parameters(), base.parameters()):
+                    mine.copy_(theirs + 0.02 * torch.randn_like(theirs))
+        model.save_pretrained(dest)
+        paths.append(dest)
+    return paths[1:], paths[0]
+
+
+def parameter_count(model_dir: Path) -> int:
+    from mergekit_evolver.population import tensor_shapes
+
+    return sum(math.prod(shape) for shape in tensor_shapes(model_dir).values())
+
+
+def floor_merge_ms(models: list[Path], options) -> float:
+    """Milliseconds per in-memory linear merge of two members through mergekit."""
+    from mergekit_evolver.merge import merge_in_memory, parse_merge_config
+    from mergekit_evolver.population import read_from_files
+
+    recipe = parse_merge_config({
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models[:2]],
+        "dtype": "float32",
+    })
+    read_from_files(recipe.referenced_models())
+    merge_in_memory(recipe, options)
+    start = time.perf_counter()
+    for _ in range(FLOOR_REPEATS):
+        merge_in_memory(recipe, options)
+    return (time.perf_counter() - start) / FLOOR_REPEATS * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", default=".testbed")
     parser.add_argument("--config", default="examples/demo.yml")
+    parser.add_argument("--generations", type=int, default=None)
+    parser.add_argument("--width", type=int, default=0, help="random Llamas of this width (0: the testbed's)")
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
 
-    from mergekit_evolver.config import load_evolve_config
+    import lm_eval.evaluator
+    from mergekit.options import MergeOptions
+
     from mergekit_evolver import run as run_module
+    from mergekit_evolver.config import load_evolve_config
+    from mergekit_evolver.evaluation import resolve_device
     from mergekit_evolver.testbed import build_testbed
 
     build_testbed(Path(args.testbed), reuse=True, log=lambda *_: None)
     os.environ["TESTBED"] = str(Path(args.testbed).resolve())
     config = load_evolve_config(args.config)
+    if args.generations is not None:
+        config = config.model_copy(update={"de": config.de.model_copy(update={"generations": args.generations})})
 
-    spent = {"model": 0.0}
+    clock = Clock()
     for name in MODEL_CALLS:
-        original = getattr(HFLM, name)
+        clock.wrap(HFLM, name, "model")
+    clock.wrap(lm_eval.evaluator, "evaluate", "evaluate")  # fitness imports it per call
+    clock.wrap(run_module, "merge_in_memory", "merge")
+    clock.wrap(run_module.Run, "offspring", "candidate")
+    clock.wrap(run_module.Run, "evolve", "search")
 
-        @functools.wraps(original)
-        def timed(self, *a, _original=original, **kw):
-            start = time.perf_counter()
-            try:
-                return _original(self, *a, **kw)
-            finally:
-                spent["model"] += time.perf_counter() - start
-
-        setattr(HFLM, name, timed)
-
-    phases = {}
     original_evolve = run_module.Run.evolve
 
-    def timed_evolve(self, members):
-        start, before = time.perf_counter(), spent["model"]
+    def search_only(self, members):
+        clock.on = True
         try:
             return original_evolve(self, members)
         finally:
-            phases["search"] = (time.perf_counter() - start, spent["model"] - before)
+            clock.on = False
 
-    run_module.Run.evolve = timed_evolve
+    run_module.Run.evolve = search_only
     with tempfile.TemporaryDirectory() as tmp:
+        label = "the testbed's specialists"
+        if args.width:
+            models, base = random_population(
+                Path(tmp) / "models", Path(config.population.models[0]), args.width, args.layers,
+                len(config.population.models),
+            )
+            population = config.population.model_copy(
+                update={"models": [str(m) for m in models], "base_model": str(base)}
+            )
+            config = config.model_copy(update={"population": population})
+            label = f"random Llamas, width {args.width}, {args.layers} layers"
+        label += f" ({parameter_count(Path(config.population.models[0])) / 1e6:.2f}M parameters)"
+        totals = Clock()
+        for name in MODEL_CALLS:
+            totals.wrap(HFLM, name, "model")
+        totals.on = True
         start = time.perf_counter()
         run_module.evolve(config, Path(tmp) / "run", log=lambda *_: None)
         total = time.perf_counter() - start
-    wall, model = phases["search"]
-    print(f"config: {args.config} (seed {config.seed}, {config.de.generations} generations)")
+        totals.on = False
+        options = MergeOptions(
+            quiet=True, device=resolve_device(config.fitness.device), random_seed=config.seed
+        )
+        floor = floor_merge_ms(config.population.models, options)
+    report(args, config, label, clock, total, totals.seconds["model"], floor)
+
+
+def report(args, config, label, clock: Clock, total: float, model_total: float, floor_ms: float) -> None:
+    s = clock.seconds
+    wall, model, n = s["search"], s["model"], clock.calls["candidate"]
+    per = {
+        "lm-eval model calls": model,
+        "lm-eval, outside model calls": s["evaluate"] - model,
+        "mergekit merge (planner, executor, DE kernel)": s["merge"],
+    }
+    per["the rest (ours: weights in, hash, ledger, files)"] = wall - sum(per.values())
+    print(f"config: {args.config} (seed {config.seed}, {config.de.generations} generations); model: {label}")
     print(f"{'phase':22} {'wall s':>8} {'model calls s':>14} {'outside share':>14}")
     print(f"{'search (generations)':22} {wall:8.1f} {model:14.1f} {1 - model / wall:14.1%}")
-    print(f"{'whole run':22} {total:8.1f} {spent['model']:14.1f} {1 - spent['model'] / total:14.1%}")
+    print(f"{'whole run':22} {total:8.1f} {model_total:14.1f} {1 - model_total / total:14.1%}")
+    print(f"per candidate ({n} candidates), {wall / n * 1000:.1f} ms:")
+    for name, seconds in per.items():
+        print(f"  {name:48} {seconds / n * 1000:7.1f} ms {seconds / wall:6.1%}")
+    lm_eval_ms = per["lm-eval, outside model calls"] / n * 1000
+    floor_share = (floor_ms + lm_eval_ms) / (wall / n * 1000)
+    print(
+        f"floor: mergekit's cheapest merge of this model (linear, two members) takes {floor_ms:.1f} ms;"
+        f" with lm-eval's own {lm_eval_ms:.1f} ms that is {floor_share:.1%} of a candidate"
+    )
     print("target: search outside share <= 10%")
 
 

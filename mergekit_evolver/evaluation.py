@@ -20,7 +20,7 @@ import torch
 from mergekit_evolver import fitness
 from mergekit_evolver.config import EvalSettings, TaskSpec
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.population import content_hash
+from mergekit_evolver.fingerprint import content_hash
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 

@@ -10,7 +10,6 @@ nothing is written to disk to score it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,17 +39,6 @@ _SIDE_FILES = (
 
 def model_ref(path: str | os.PathLike) -> ModelReference:
     return ModelReference.model_validate(str(path))
-
-
-def content_hash(state: StateDict) -> str:
-    """Identity of an individual's weights: name, dtype, shape and bytes of
-    every tensor, in name order."""
-    digest = hashlib.blake2b(digest_size=20)
-    for name in sorted(state):
-        tensor = state[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def copy_side_files(source: Path, dest: Path) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.evaluation import Evaluator, Suite, check_chat_template, resolve_device
+from mergekit_evolver.fingerprint import first_non_finite
 from mergekit_evolver.ledger import LEDGER_FILE, Candidate, Ledger
 from mergekit_evolver.merge import merge_in_memory, merge_to_disk, recipe_yaml
 from mergekit_evolver.population import (
@@ -161,7 +162,7 @@ class Run:
         start = time.perf_counter()
         state = self.merge(recipe)
         seconds = time.perf_counter() - start
-        bad = next((n for n, t in state.items() if not torch.isfinite(t).all()), None)
+        bad = first_non_finite(state)
         if bad is None:
             return state, seconds, None
         self.log(f"{step}: rejected, non-finite values in {bad}")

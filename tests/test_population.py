@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from mergekit.options import MergeOptions
 
+from mergekit_evolver.fingerprint import content_hash
 from mergekit_evolver.merge import merge_in_memory
 from mergekit_evolver.population import (
     FileLoader,
     MemorySlot,
-    content_hash,
     load_state,
     model_ref,
     read_from_files,
