@@ -8,12 +8,14 @@ uninterrupted run does.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -432,6 +434,21 @@ class Finish:
             run.step(f"report/{label}", compute)
 
 
+@contextlib.contextmanager
+def _long_lived_heap_frozen() -> Iterator[None]:
+    """By the search, the model, tokenizer, lm-eval tasks and their requests
+    are built, and they live until it ends: some 570K objects on the testbed,
+    which each full cyclic collection walked again while candidates churned
+    out garbage (1.7 s of a 25 s search). gc.freeze() keeps the collector off
+    them; collected first so no garbage is frozen in, unfrozen afterwards."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def evolve(config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Log = print) -> str:
     """The whole run; returns the result table."""
     from mergekit_evolver.lineage import write_lineage
@@ -440,16 +457,17 @@ def evolve(config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Lo
     run = Run(config, run_dir, resume=resume, log=log)
     members = run.initial_members()
     final = None
-    if config.strategy == "kinship_greedy":
-        from mergekit_evolver.greedy import greedy_search
+    with _long_lived_heap_frozen():
+        if config.strategy == "kinship_greedy":
+            from mergekit_evolver.greedy import greedy_search
 
-        final_members = greedy_search(run, members)
-    elif config.strategy == "recipe":
-        from mergekit_evolver.recipe_search import recipe_strategy
+            final_members = greedy_search(run, members)
+        elif config.strategy == "recipe":
+            from mergekit_evolver.recipe_search import recipe_strategy
 
-        final_members, final = recipe_strategy(run, members)
-    else:
-        final_members = run.evolve(members)
+            final_members, final = recipe_strategy(run, members)
+        else:
+            final_members = run.evolve(members)
     finish = Finish(run)
     inputs = [Path(p) for p in config.population.models]
     baselines = finish.baselines(inputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.evaluation import Evaluator, Suite
 from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.population import load_state
-from mergekit_evolver.run import evolve
+from mergekit_evolver.run import Run, evolve
 from lineage_check import assert_lineage_replays
 from tiny_models import load_tensors
 from toy_world import make_world, run_config, save_model, write_task, reverse_items
@@ -95,6 +96,19 @@ def test_outputs_model_lineage_report(finished, tmp_path):
     assert "Evolved merge" in (model / "README.md").read_text()
     assert (out / "report" / "fitness.png").is_file() and (out / "report" / "scores.png").is_file()
     assert_lineage_replays(out, tmp_path)
+
+
+def test_the_search_leaves_the_garbage_collector_as_it_found_it(world, finished, tmp_path, monkeypatch):
+    assert gc.get_freeze_count() == 0  # after the whole run in `finished`
+
+    def search(self, members):
+        assert gc.get_freeze_count() > 0  # the heap built before the search is frozen during it
+        raise RuntimeError("stopped mid-search")
+
+    monkeypatch.setattr(Run, "evolve", search)
+    with pytest.raises(RuntimeError, match="mid-search"):
+        run(CONFIG(world), tmp_path / "b")
+    assert gc.get_freeze_count() == 0
 
 
 def test_report_command_reprints_the_table(finished):
