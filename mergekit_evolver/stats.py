@@ -9,8 +9,9 @@ A stats dir holds
                          stores it, "conv1d" = in×out as GPT-2's Conv1D does)
     gram.safetensors     weight name -> Gram (in×in)
     fisher.safetensors   parameter name -> diagonal Fisher (the parameter's shape)
-It is written to a temporary sibling and renamed into place; an existing stats
-dir at --out is replaced whole (kinds not collected again are not kept).
+It is written to a temporary sibling and renamed into place, replacing an
+existing stats dir at --out whole; writing is refused when that would drop a
+kind the existing dir holds and this write does not.
 
 Reading: `open_stats(dir)` returns a cached, lazily read `StatsDir` (manifest plus
 safetensors handles; re-opened when the manifest changes on disk), and
@@ -344,12 +345,26 @@ def check_stats_recipe(config) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def is_replaceable(out_dir: Path) -> bool:
-    if not out_dir.exists():
-        return True
-    if not out_dir.is_dir():
-        return False
-    return not any(out_dir.iterdir()) or (out_dir / MANIFEST).is_file()
+def check_out_dir(out_dir: str | os.PathLike, kinds: Sequence[str]) -> None:
+    """UserError unless writing `kinds` to out_dir loses nothing: it must be
+    absent, empty, or a stats dir holding no kind that is not written again
+    (a stats dir is replaced whole, so such a kind would be dropped)."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise UserError(f"--out {out} exists and is not a stats dir; refusing to replace it")
+    try:
+        held = read_manifest(out).get("kinds", {})
+    except (StatsError, FileNotFoundError):
+        return  # an unreadable manifest holds nothing to keep
+    dropped = [k for k in KINDS if k in held and k not in kinds]
+    if dropped:
+        raise UserError(
+            f"--out {out} holds {' and '.join(dropped)} statistics that writing only "
+            f"{','.join(kinds)} would drop; collect --kind {','.join(k for k in KINDS if k in held or k in kinds)} "
+            "or write to another --out"
+        )
 
 
 def write_stats(
@@ -365,15 +380,15 @@ def write_stats(
     extra: Optional[dict] = None,
 ) -> Path:
     """Write a stats dir atomically: into a temporary sibling, then renamed into
-    place (an existing stats dir there is replaced). `counts[kind]` holds
+    place (an existing stats dir there is replaced, unless that would drop a
+    kind it holds: see check_out_dir). `counts[kind]` holds
     n_examples / n_tokens for the manifest."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if not is_replaceable(out):
-        raise UserError(f"--out {out} exists and is not a stats dir; refusing to replace it")
+    check_out_dir(out, [k for k, t in (("gram", grams), ("fisher", fisher)) if t is not None])
     layouts = dict(layouts or {})
     bad = {v for v in layouts.values() if v not in LAYOUTS}
     if bad:

@@ -51,7 +51,7 @@ import click
 import torch
 
 from mergekit_evolver.errors import UserError, exits_cleanly
-from mergekit_evolver.stats import DTYPES, KINDS, is_replaceable, write_stats
+from mergekit_evolver.stats import DTYPES, KINDS, check_out_dir, write_stats
 
 
 # ---------------------------------------------------------------- text sources
@@ -381,8 +381,7 @@ def collect_to_dir(
         raise UserError(f"--max-length must be at least 2; got {max_length}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if not is_replaceable(Path(out_dir)):
-        raise UserError(f"--out {out_dir} exists and is not a stats dir; refusing to replace it")
+    check_out_dir(out_dir, kinds)
     texts = source.texts()
     try:
         first = next(texts)

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergekit_evolver.errors import UserError
 from mergekit_evolver.stats import MANIFEST, open_stats, write_stats
 from mergekit_evolver.stats_collect import (
     Source,
@@ -146,6 +147,17 @@ def test_write_is_atomic_replaces_and_cache_sees_the_new_dir(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["fisher.safetensors", MANIFEST]
 
 
+def test_a_write_that_would_drop_a_held_kind_is_refused(tmp_path):
+    out = tmp_path / "stats"
+    write_stats(out, model="a", grams={"w": torch.eye(2)})
+    with pytest.raises(UserError, match="holds gram statistics that writing only fisher would drop"):
+        write_stats(out, model="a", fisher={"w": torch.ones(2)})
+    assert open_stats(out).kinds == ("gram",)
+    write_stats(out, model="a", grams={"w": 2 * torch.eye(2)}, fisher={"w": torch.ones(2)})
+    assert open_stats(out).kinds == ("gram", "fisher")
+    assert open_stats(out).get("gram", "w").tensor.tolist() == [[2.0, 0.0], [0.0, 2.0]]
+
+
 def invoke(*args):
     return CliRunner().invoke(stats_command, [str(a) for a in args], catch_exceptions=False)
 
@@ -199,6 +211,7 @@ def test_txt_and_lm_eval_task_sources(toy, tmp_path):
         ("empty_data", "no examples"),
         ("zero_examples", "--max-examples must be at least 1; got 0"),
         ("foreign_out", "exists and is not a stats dir"),
+        ("drops_kind", "holds gram statistics that writing only fisher would drop; collect --kind gram,fisher"),
         ("unknown_task", "not a .jsonl/.txt file nor an lm-eval task"),
         ("no_tokenizer", "no usable tokenizer"),
     ],
@@ -226,6 +239,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(toy, tmp_path, case, message):
     elif case == "foreign_out":
         args["--out"].mkdir()
         (args["--out"] / "precious.txt").write_text("keep me")
+    elif case == "drops_kind":
+        write_stats(args["--out"], model="m", grams={"w": torch.eye(2)}, fisher={"w": torch.ones(2)})
+        extra = ["--kind", "fisher"]
     elif case == "unknown_task":
         args["--data"] = "no_such_task"
         extra = ["--include-path", tmp_path]
@@ -238,6 +254,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(toy, tmp_path, case, message):
     if case == "foreign_out":
         assert (args["--out"] / "precious.txt").read_text() == "keep me"
         assert [p.name for p in args["--out"].iterdir()] == ["precious.txt"]
+    elif case == "drops_kind":
+        stats = open_stats(args["--out"])
+        assert stats.kinds == ("gram", "fisher")
+        assert stats.get("gram", "w").tensor.tolist() == [[1.0, 0.0], [0.0, 1.0]]
     else:
         assert not (tmp_path / "out").exists()
 
