@@ -1,10 +1,12 @@
-"""Share of a testbed run's wall time spent outside lm-eval's model calls.
+"""Share of a testbed run's wall time spent outside lm-eval's model calls,
+with and without merging the next candidate ahead, side by side.
 
 Run: .venv/bin/python benchmarks/eval_overhead.py [--testbed .testbed] [--config examples/demo.yml]
-     [--generations G] [--width W --layers L]
+     [--generations G] [--width W --layers L] [--rounds R] [--spare-core]
 
-Builds (or reuses) the testbed, runs the example config in a scratch run dir,
-and times every call into lm-eval's HF model (loglikelihood,
+Builds (or reuses) the testbed and runs the example config in scratch run
+dirs, R times with merge_ahead off and R times with it on, interleaved. It
+times every call into lm-eval's HF model (loglikelihood,
 loglikelihood_rolling, generate_until: batching, tokenizing and forward
 passes). Everything else is overhead. Target: at most 10% of the search's
 wall time. The whole run's share, with one-time setup, baselines and the
@@ -12,12 +14,20 @@ report, is printed too.
 
 The search's time per candidate is split into lm-eval's model calls, the rest
 of lm-eval's evaluate() (per-document process_results, filters,
-aggregation), mergekit's in-memory merge (planner, executor and the DE
-kernel), and the rest, which is this project's code (weights copied in,
+aggregation), mergekit's in-memory merges in this process (planner, executor
+and the DE kernel), waiting for and receiving the merge-ahead worker's
+tensors, and the rest, which is this project's code (weights copied in,
 content hash, ledger, accepted offspring written). The floor line times the
 cheapest merge mergekit can do on this model, a linear merge of two members:
-it and lm-eval's own share are paid by any search that scores mergekit merges
-with lm-eval.
+it and lm-eval's own share are paid by any search that merges in-process.
+
+The side-by-side lines compare the candidate's wall time as well as the
+share: merging ahead only helps if candidates get faster, not if its merges
+just slow the model calls down by as much as they save.
+
+--spare-core pins this process to one CPU with one torch thread, and the
+worker to the others: a stand-in for a machine whose scoring leaves cores
+idle (a GPU run, or more cores than the forward passes use).
 
 --width W --layers L swap the testbed's 144K-parameter specialists for random
 Llamas of that width and depth (same tokenizer and tasks; head size 16), to
@@ -28,9 +38,11 @@ timings do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -119,6 +131,88 @@ def floor_merge_ms(models: list[Path], options) -> float:
     return (time.perf_counter() - start) / FLOOR_REPEATS * 1000
 
 
+@contextlib.contextmanager
+def one_core_for_scoring(enabled: bool):
+    """Simulate a machine whose scoring leaves a core idle, as a GPU run or
+    a machine with more cores than the forward passes use does: this process
+    on the first CPU with one torch thread, the merge-ahead worker on another."""
+    if not enabled:
+        yield
+        return
+    from mergekit_evolver.merge_ahead import MergeAhead
+
+    import torch
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--spare-core needs at least 2 CPUs")
+    threads, start = torch.get_num_threads(), MergeAhead.start
+
+    def start_on_the_spare_core(self):
+        start(self)
+        if self._process is not None:
+            os.sched_setaffinity(self._process.pid, cpus[1:])
+
+    MergeAhead.start = start_on_the_spare_core
+    torch.set_num_threads(1)
+    os.sched_setaffinity(0, cpus[:1])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(threads)
+        MergeAhead.start = start
+
+
+def timed_run(config, run_dir: Path, merge_ahead: bool, spare_core: bool = False) -> dict:
+    """One whole run, timed; returns the search's and the whole run's clocks."""
+    import lm_eval.evaluator
+
+    from mergekit_evolver import run as run_module
+    from mergekit_evolver.merge_ahead import MergeAhead
+
+    config = config.model_copy(update={"merge_ahead": merge_ahead})
+    clock, totals = Clock(), Clock()
+    saved = {
+        (owner, name): getattr(owner, name)
+        for owner, name in [(HFLM, n) for n in MODEL_CALLS] + [
+            (lm_eval.evaluator, "evaluate"), (run_module, "merge_in_memory"),
+            (run_module.Run, "offspring"), (run_module.Run, "evolve"), (MergeAhead, "take"),
+        ]
+    }
+    for name in MODEL_CALLS:
+        clock.wrap(HFLM, name, "model")
+        totals.wrap(HFLM, name, "model")
+    clock.wrap(lm_eval.evaluator, "evaluate", "evaluate")  # fitness imports it per call
+    clock.wrap(run_module, "merge_in_memory", "merge")
+    clock.wrap(MergeAhead, "take", "take")
+    clock.wrap(run_module.Run, "offspring", "candidate")
+    clock.wrap(run_module.Run, "evolve", "search")
+    searched = {}
+    original_evolve = run_module.Run.evolve
+
+    def search_only(self, members):
+        clock.on = True
+        try:
+            return original_evolve(self, members)
+        finally:
+            clock.on = False
+            searched.update(taken=self.ahead.taken, missed=self.ahead.missed)
+
+    run_module.Run.evolve = search_only
+    try:
+        with one_core_for_scoring(spare_core):
+            totals.on = True
+            start = time.perf_counter()
+            run_module.evolve(config, run_dir, log=lambda *_: None)
+            total = time.perf_counter() - start
+            totals.on = False
+    finally:
+        for (owner, name), original in saved.items():
+            setattr(owner, name, original)
+    return dict(clock=clock, total=total, model_total=totals.seconds["model"], **searched)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", default=".testbed")
@@ -126,12 +220,15 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--width", type=int, default=0, help="random Llamas of this width (0: the testbed's)")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, interleaved")
+    parser.add_argument(
+        "--spare-core", action="store_true",
+        help="score on one core with one torch thread, the merge-ahead worker on another",
+    )
     args = parser.parse_args()
 
-    import lm_eval.evaluator
     from mergekit.options import MergeOptions
 
-    from mergekit_evolver import run as run_module
     from mergekit_evolver.config import load_evolve_config
     from mergekit_evolver.evaluation import resolve_device
     from mergekit_evolver.testbed import build_testbed
@@ -142,24 +239,6 @@ def main() -> None:
     if args.generations is not None:
         config = config.model_copy(update={"de": config.de.model_copy(update={"generations": args.generations})})
 
-    clock = Clock()
-    for name in MODEL_CALLS:
-        clock.wrap(HFLM, name, "model")
-    clock.wrap(lm_eval.evaluator, "evaluate", "evaluate")  # fitness imports it per call
-    clock.wrap(run_module, "merge_in_memory", "merge")
-    clock.wrap(run_module.Run, "offspring", "candidate")
-    clock.wrap(run_module.Run, "evolve", "search")
-
-    original_evolve = run_module.Run.evolve
-
-    def search_only(self, members):
-        clock.on = True
-        try:
-            return original_evolve(self, members)
-        finally:
-            clock.on = False
-
-    run_module.Run.evolve = search_only
     with tempfile.TemporaryDirectory() as tmp:
         label = "the testbed's specialists"
         if args.width:
@@ -173,42 +252,73 @@ def main() -> None:
             config = config.model_copy(update={"population": population})
             label = f"random Llamas, width {args.width}, {args.layers} layers"
         label += f" ({parameter_count(Path(config.population.models[0])) / 1e6:.2f}M parameters)"
-        totals = Clock()
-        for name in MODEL_CALLS:
-            totals.wrap(HFLM, name, "model")
-        totals.on = True
-        start = time.perf_counter()
-        run_module.evolve(config, Path(tmp) / "run", log=lambda *_: None)
-        total = time.perf_counter() - start
-        totals.on = False
+        runs = []
+        for k in range(args.rounds):
+            for ahead in (False, True):
+                runs.append((ahead, timed_run(config, Path(tmp) / f"run{k}_{int(ahead)}", ahead, args.spare_core)))
         options = MergeOptions(
             quiet=True, device=resolve_device(config.fitness.device), random_seed=config.seed
         )
         floor = floor_merge_ms(config.population.models, options)
-    report(args, config, label, clock, total, totals.seconds["model"], floor)
+    print(f"config: {args.config} (seed {config.seed}, {config.de.generations} generations); model: {label}")
+    print(f"runs: {args.rounds} of each variant, interleaved (merge_ahead off, on, off, on, ...)")
+    if args.spare_core:
+        print("simulated spare core: scoring on CPU 0 with 1 torch thread, the merge-ahead worker on the others")
+    for ahead, result in runs:
+        report(ahead, result)
+    compare(runs, floor)
 
 
-def report(args, config, label, clock: Clock, total: float, model_total: float, floor_ms: float) -> None:
+def report(ahead: bool, result: dict) -> None:
+    clock = result["clock"]
     s = clock.seconds
     wall, model, n = s["search"], s["model"], clock.calls["candidate"]
     per = {
         "lm-eval model calls": model,
         "lm-eval, outside model calls": s["evaluate"] - model,
-        "mergekit merge (planner, executor, DE kernel)": s["merge"],
+        "mergekit merge in this process": s.get("merge", 0.0),
+        "merge-ahead: waiting for and receiving": s.get("take", 0.0),
     }
     per["the rest (ours: weights in, hash, ledger, files)"] = wall - sum(per.values())
-    print(f"config: {args.config} (seed {config.seed}, {config.de.generations} generations); model: {label}")
-    print(f"{'phase':22} {'wall s':>8} {'model calls s':>14} {'outside share':>14}")
-    print(f"{'search (generations)':22} {wall:8.1f} {model:14.1f} {1 - model / wall:14.1%}")
-    print(f"{'whole run':22} {total:8.1f} {model_total:14.1f} {1 - model_total / total:14.1%}")
-    print(f"per candidate ({n} candidates), {wall / n * 1000:.1f} ms:")
+    total, model_total = result["total"], result["model_total"]
+    print(f"\nmerge_ahead {'on' if ahead else 'off'}:")
+    print(f"  {'phase':22} {'wall s':>8} {'model calls s':>14} {'outside share':>14}")
+    print(f"  {'search (generations)':22} {wall:8.1f} {model:14.1f} {1 - model / wall:14.1%}")
+    print(f"  {'whole run':22} {total:8.1f} {model_total:14.1f} {1 - model_total / total:14.1%}")
+    print(f"  per candidate ({n} candidates), {wall / n * 1000:.1f} ms:")
     for name, seconds in per.items():
-        print(f"  {name:48} {seconds / n * 1000:7.1f} ms {seconds / wall:6.1%}")
-    lm_eval_ms = per["lm-eval, outside model calls"] / n * 1000
-    floor_share = (floor_ms + lm_eval_ms) / (wall / n * 1000)
+        print(f"    {name:48} {seconds / n * 1000:7.1f} ms {seconds / wall:6.1%}")
+    if ahead:
+        print(f"  merged ahead by the worker: {result['taken']} of {result['taken'] + result['missed']} candidates")
+
+
+def compare(runs: list, floor_ms: float) -> None:
+    """Each round's on run against the off run just before it: the machine's
+    speed drifts between runs, so ratios of neighbours say more than means."""
+
+    def per_candidate(r):
+        return r["clock"].seconds["search"] / r["clock"].calls["candidate"] * 1000
+
+    def model_ms(r):
+        return r["clock"].seconds["model"] / r["clock"].calls["candidate"] * 1000
+
+    def share(r):
+        return 1 - r["clock"].seconds["model"] / r["clock"].seconds["search"]
+
+    pairs = [(runs[k][1], runs[k + 1][1]) for k in range(0, len(runs) - 1, 2)]
+    print("\nside by side, round by round (merge_ahead on / off):")
+    print(f"  {'round':>5} {'ms a candidate':>22} {'model calls ms':>22} {'outside share':>18}")
+    for k, (off, on) in enumerate(pairs):
+        print(
+            f"  {k:5d} {per_candidate(off):7.1f} -> {per_candidate(on):6.1f} ({per_candidate(on) / per_candidate(off):.3f})"
+            f" {model_ms(off):7.1f} -> {model_ms(on):6.1f} ({model_ms(on) / model_ms(off):.3f})"
+            f" {share(off):7.1%} -> {share(on):6.1%}"
+        )
+    ratios = sorted(per_candidate(on) / per_candidate(off) for off, on in pairs)
+    print(f"  candidate time on/off: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}")
     print(
-        f"floor: mergekit's cheapest merge of this model (linear, two members) takes {floor_ms:.1f} ms;"
-        f" with lm-eval's own {lm_eval_ms:.1f} ms that is {floor_share:.1%} of a candidate"
+        f"floor without merging ahead: mergekit's cheapest merge of this model (linear, two members) "
+        f"takes {floor_ms:.1f} ms"
     )
     print("target: search outside share <= 10%")
 

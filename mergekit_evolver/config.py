@@ -19,6 +19,8 @@ from mergekit_evolver.methods.de import OPERATORS, F_RANGE
 
 
 STATS_METHODS = ("regmean", "fisher")
+# EvolveConfig fields that change how a run executes, never what it produces.
+RESULT_NEUTRAL = {"merge_ahead"}
 
 
 class Strict(BaseModel):
@@ -287,6 +289,11 @@ class EvolveConfig(Strict):
     kinship: KinshipConfig = KinshipConfig()
     greedy: GreedyConfig = GreedyConfig()
     search: SearchConfig = SearchConfig()
+    # Merge the next candidate in a worker process while this one is scored
+    # (merge_ahead.py). It changes no result, only where the merge runs. It
+    # pays where the scoring leaves a CPU core idle; where the forward passes
+    # already fill every core, the worker slows them down by more than it saves.
+    merge_ahead: bool = False
 
     @model_validator(mode="after")
     def _enough_members(self) -> "EvolveConfig":
@@ -334,8 +341,9 @@ class EvolveConfig(Strict):
         return self
 
     def digest(self) -> str:
-        """Identity of a run: what a resume must agree with."""
-        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=True)
+        """Identity of a run: what a resume must agree with. Settings that
+        change no result (merge_ahead) are left out, so a resume may change them."""
+        text = yaml.safe_dump(self.model_dump(mode="json", exclude=RESULT_NEUTRAL), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -169,11 +169,13 @@ class Evaluator:
         self.resident = ResidentModel(like, settings)
         self.cache = cache
 
-    def score(self, state: Mapping[str, torch.Tensor], suite: Suite) -> Scored:
+    def score(self, state: Mapping[str, torch.Tensor], suite: Suite, digest: Optional[str] = None) -> Scored:
+        """`digest`: the state's content_hash when already known (the merge-ahead
+        worker computes it while it merges)."""
         import time
 
         start = time.perf_counter()
-        digest = content_hash(state)
+        digest = digest or content_hash(state)
         hit = self.cache.cached_scores(digest, suite.key)
         if hit is not None:
             return Scored(hit, digest, True, time.perf_counter() - start)

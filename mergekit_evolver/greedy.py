@@ -20,6 +20,7 @@ same values instead of streaming the models again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -67,13 +68,33 @@ def greedy_search(run: Run, members: list[Member]) -> list[Member]:
     return [Member(m, paths[m], strategy.fitness[m]) for m in strategy.population]
 
 
-def make_child(run: Run, proposal: Proposal, strategy: KinshipGreedy, paths: dict[str, Path]) -> Candidate:
+def child_recipe(run: Run, proposal: Proposal, paths: dict[str, Path]):
     settings = run.config.greedy
     template = {"merge_method": settings.merge_method, "parameters": dict(settings.parameters)}
-    recipe = pair_recipe(
+    return pair_recipe(
         template, paths[proposal.base], paths[proposal.other],
         run.config.population.base_model, where=f"greedy ({settings.merge_method} of a pair)",
     )
+
+
+def expect_next(run: Run, proposal: Proposal, strategy: KinshipGreedy, paths: dict[str, Path]) -> None:
+    """Have the merge-ahead worker make the next child of this round while this
+    one is scored: a round's pairs are planned when it starts, so the next one
+    does not depend on this child's fitness."""
+    if not run.ahead.enabled:
+        return
+    after = copy.deepcopy(strategy)
+    after.tell(proposal, None)
+    if after.done or after.round_over or after.kinship_needed():
+        return
+    upcoming = after.ask()
+    if upcoming is not None and run.ledger.find(upcoming.step) is None:
+        run.expect(recipe_yaml(child_recipe(run, upcoming, paths)))
+
+
+def make_child(run: Run, proposal: Proposal, strategy: KinshipGreedy, paths: dict[str, Path]) -> Candidate:
+    settings = run.config.greedy
+    recipe = child_recipe(run, proposal, paths)
     note = None
     if proposal.kind == "explore":
         note = f"explore: kinship {proposal.kinship:.4f} ({settings.metric}) to the best"
@@ -82,10 +103,12 @@ def make_child(run: Run, proposal: Proposal, strategy: KinshipGreedy, paths: dic
         recipe=recipe_yaml(recipe), parents=[proposal.base, proposal.other],
         operator=settings.merge_method, note=note,
     )
-    state, merge_s, invalid = run.merge_candidate(recipe, proposal.step)
-    if invalid:
-        return Candidate(**base, status="invalid", merge_s=merge_s, note=invalid)
-    fitness, scores, seconds, _ = run.score(state, run.dev)
+    weights = run.merge_candidate(recipe, proposal.step, base["recipe"])
+    expect_next(run, proposal, strategy, paths)
+    if weights.invalid:
+        return Candidate(**base, status="invalid", merge_s=weights.merge_s, note=weights.invalid)
+    state, merge_s = weights.state, weights.merge_s
+    fitness, scores, seconds, _ = run.score(state, run.dev, weights.content_hash)
     member = None
     accepted = strategy.accepts(proposal, fitness)
     if accepted:

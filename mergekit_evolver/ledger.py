@@ -8,6 +8,7 @@ replays the steps whose decisions are recorded and computes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -95,6 +96,17 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Writes inside commit together (one fsync), or not at all."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # -- meta ---------------------------------------------------------------
     def get_meta(self, key: str) -> Optional[str]:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -124,10 +136,12 @@ class Ledger:
         rows = list(self._select("WHERE step=?", (step,)))
         return rows[0] if rows else None
 
-    def candidates(self, role: Optional[str] = None) -> list[Candidate]:
+    def candidates(self, role: Optional[str] = None, generation: Optional[int] = None) -> list[Candidate]:
         if role is None:
             return list(self._select("ORDER BY id", ()))
-        return list(self._select("WHERE role=? ORDER BY id", (role,)))
+        if generation is None:
+            return list(self._select("WHERE role=? ORDER BY id", (role,)))
+        return list(self._select("WHERE role=? AND generation=? ORDER BY id", (role, generation)))
 
     def _select(self, where: str, args: tuple) -> Iterator[Candidate]:
         names = [f for f in Candidate.__dataclass_fields__]

@@ -107,8 +107,9 @@ class RecipeSearch:
             asked = self.optimizer.ask()
             trials = asked[: budget - self.used]
             fitness = []
-            for trial in trials:
-                row = self.candidate(trial)
+            recipes = [self.recipe(trial) for trial in trials]
+            for k, trial in enumerate(trials):
+                row = self.candidate(trial, *recipes[k], upcoming=recipes[k + 1][1] if k + 1 < len(trials) else None)
                 rows.append(row)
                 fitness.append(row.fitness if row.status != "invalid" else None)
                 bar.update(1)
@@ -124,10 +125,16 @@ class RecipeSearch:
             raise UserError("search: every candidate recipe was invalid (non-finite weights)")
         return self.best
 
-    def candidate(self, trial: Trial) -> Candidate:
-        run, step = self.run, f"search/e{self.used:04d}"
+    def recipe(self, trial: Trial) -> tuple[MergeConfiguration, str]:
         recipe = parse_merge_config(self.genome.recipe(trial.x), where="search")
-        text = recipe_yaml(recipe)
+        return recipe, recipe_yaml(recipe)
+
+    def candidate(
+        self, trial: Trial, recipe: MergeConfiguration, text: str, upcoming: Optional[str] = None
+    ) -> Candidate:
+        """Score one trial; `upcoming` is the next trial's recipe, which the
+        merge-ahead worker makes while this one is scored."""
+        run, step = self.run, f"search/e{self.used:04d}"
 
         def compute() -> Candidate:
             base = dict(
@@ -136,12 +143,15 @@ class RecipeSearch:
                 F=trial.F if not trial.initial else None, CR=trial.CR if not trial.initial else None,
                 note="initial" if trial.initial else None,
             )
-            state, merge_s, invalid = run.merge_candidate(recipe, step)
-            if invalid:
-                return Candidate(**base, status="invalid", merge_s=merge_s, note=invalid)
-            fitness, scores, seconds, _ = run.score(state, run.dev)
+            weights = run.merge_candidate(recipe, step, text)
+            if upcoming is not None:
+                run.expect(upcoming)
+            if weights.invalid:
+                return Candidate(**base, status="invalid", merge_s=weights.merge_s, note=weights.invalid)
+            fitness, scores, seconds, _ = run.score(weights.state, run.dev, weights.content_hash)
             return Candidate(
-                **base, status="scored", fitness=fitness, dev=scores, merge_s=merge_s, eval_s=seconds
+                **base, status="scored", fitness=fitness, dev=scores, merge_s=weights.merge_s,
+                eval_s=seconds,
             )
 
         row = run.step(step, compute)

@@ -9,6 +9,7 @@ uninterrupted run does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import shutil
@@ -26,9 +27,10 @@ from tqdm import tqdm
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.evaluation import Evaluator, Suite, check_chat_template, resolve_device
-from mergekit_evolver.fingerprint import first_non_finite
+from mergekit_evolver.fingerprint import content_hash, first_non_finite
 from mergekit_evolver.ledger import LEDGER_FILE, Candidate, Ledger
 from mergekit_evolver.merge import merge_in_memory, merge_to_disk, recipe_yaml
+from mergekit_evolver.merge_ahead import MergeAhead, Merged
 from mergekit_evolver.population import (
     MemorySlot,
     architecture,
@@ -49,6 +51,16 @@ from mergekit_evolver.search.evolver import Evolver
 Log = Callable[[str], None]
 CONFIG_FILE = "run.yml"
 GENERATIONS_LOG = "generations.jsonl"
+
+
+@dataclass
+class Weights:
+    """A merged candidate: its state (None when it holds NaN or Inf)."""
+
+    state: Optional[dict[str, torch.Tensor]]
+    merge_s: float
+    invalid: Optional[str]
+    content_hash: Optional[str]
 
 
 @dataclass
@@ -125,6 +137,23 @@ class Run:
         check_run_dir(self.run_dir, config, resume)
         check_models(config)
         settings = config.fitness
+        self.options = MergeOptions(
+            quiet=True,
+            device=resolve_device(settings.device),
+            trust_remote_code=settings.trust_remote_code,
+            random_seed=config.seed,
+        )
+        # Started first, so that the worker's imports overlap loading tasks and the model.
+        self.ahead = MergeAhead(self.options, enabled=config.merge_ahead)
+        self.ahead.start()
+        try:
+            self._set_up(config, resume)
+        except BaseException:
+            self.ahead.close()
+            raise
+
+    def _set_up(self, config: EvolveConfig, resume: bool) -> None:
+        settings = config.fitness
         self.dev = Suite(config.fitness.tasks, settings)
         self.report_suite = Suite(config.report.tasks, settings) if config.report.tasks else None
         check_chat_template(Path(config.population.models[0]), settings)
@@ -142,33 +171,36 @@ class Run:
         if self.ledger.get_meta("config_digest") is None:
             (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
             self.ledger.set_meta("config_digest", config.digest())
-        self.options = MergeOptions(
-            quiet=True,
-            device=resolve_device(settings.device),
-            trust_remote_code=settings.trust_remote_code,
-            random_seed=config.seed,
-        )
         self.like = Path(config.population.models[0])
         self.evaluator = Evaluator(self.like, settings, self.ledger)
         self.slot = MemorySlot(self.run_dir / "scratch", self.like)
         self.population_dir = self.run_dir / "population"
+        self._recipe_memo = None
 
     # -- the pieces ---------------------------------------------------------
     def merge(self, recipe: MergeConfiguration) -> dict[str, torch.Tensor]:
         read_from_files(m for m in recipe.referenced_models() if m != self.slot.ref)
         return merge_in_memory(recipe, self.options)
 
-    def merge_candidate(self, recipe: MergeConfiguration, step: str):
-        """Merge a candidate and time it; a candidate with NaN or Inf comes back
-        as None with a note (it is rejected and logged, and the run goes on)."""
+    def expect(self, text: str) -> None:
+        """The search will merge this recipe (its YAML) next: the merge-ahead
+        worker makes it while the current candidate is scored."""
+        self.ahead.expect(text)
+
+    def merge_candidate(self, recipe: MergeConfiguration, step: str, text: Optional[str] = None) -> Weights:
+        """A candidate's weights, timed: the merge-ahead worker's if it made this
+        very recipe, else merged here. A candidate with NaN or Inf comes back
+        with no state and a note (it is rejected and logged, and the run goes on)."""
         start = time.perf_counter()
-        state = self.merge(recipe)
+        merged = self.ahead.take(text or recipe_yaml(recipe))
+        if merged is None:
+            state = self.merge(recipe)
+            merged = Merged(state, content_hash(state), first_non_finite(state))
         seconds = time.perf_counter() - start
-        bad = first_non_finite(state)
-        if bad is None:
-            return state, seconds, None
-        self.log(f"{step}: rejected, non-finite values in {bad}")
-        return None, seconds, f"non-finite: {bad}"
+        if merged.non_finite is None:
+            return Weights(merged.state, seconds, None, merged.content_hash)
+        self.log(f"{step}: rejected, non-finite values in {merged.non_finite}")
+        return Weights(None, seconds, f"non-finite: {merged.non_finite}", None)
 
     def materialize(self, recipe: MergeConfiguration, dest: Path, **options) -> Path:
         """Write a recipe's model to dest with mergekit's writer, atomically: a
@@ -180,16 +212,20 @@ class Run:
             tmp.rename(dest)
         return dest
 
-    def score(self, state, suite: Suite) -> tuple[Optional[float], dict, float, bool]:
-        scored = self.evaluator.score(state, suite)
+    def score(
+        self, state, suite: Suite, digest: Optional[str] = None
+    ) -> tuple[Optional[float], dict, float, bool]:
+        scored = self.evaluator.score(state, suite, digest)
         return suite.fitness(scored.scores), scored.scores, scored.seconds, scored.cached
 
     def step(self, key: str, compute: Callable[[], Candidate]) -> Candidate:
         done = self.ledger.find(key)
         if done is not None:
             return done
-        candidate = compute()
-        self.ledger.record(candidate)
+        # One transaction (one fsync) for the row and the scores it cached.
+        with self.ledger.transaction():
+            candidate = compute()
+            self.ledger.record(candidate)
         return candidate
 
     # -- phases -------------------------------------------------------------
@@ -283,22 +319,52 @@ class Run:
             Member(mid, paths[mid], fit) for mid, fit in zip(strategy.members, strategy.fitness)
         ]
 
-    def offspring(self, proposal, strategy: Evolver, paths: dict[str, Path]) -> Candidate:
+    def offspring_recipe(self, proposal, paths: dict[str, Path]) -> tuple[MergeConfiguration, str]:
+        """An offspring's recipe and its YAML. The one asked for ahead (see
+        expect_next) is kept, since each is built twice."""
+        members = (proposal.target, *proposal.donors)
+        key = (proposal, tuple(paths[m] for m in members))
+        if self._recipe_memo is not None and self._recipe_memo[0] == key:
+            return self._recipe_memo[1]
         de = self.config.de
         recipe = de_recipe(
             proposal.operator, paths[proposal.target], [paths[d] for d in proposal.donors],
             de.method_parameters(proposal.seed),
             reference=self.config.population.base_model if de.space == "task_vectors" else None,
         )
+        self._recipe_memo = (key, (recipe, recipe_yaml(recipe)))
+        return self._recipe_memo[1]
+
+    def expect_next(self, strategy: Evolver, proposal, paths: dict[str, Path]) -> None:
+        """Have the merge-ahead worker make the offspring after this one while
+        this one is scored. Within a generation the next offspring does not
+        depend on this one's fate; across a generation boundary the guess is
+        that this one is rejected (a wrong guess is merged again, here)."""
+        if not self.ahead.enabled:
+            return
+        after = copy.deepcopy(strategy)
+        after.tell(proposal, None, "")
+        upcoming = after.ask()
+        if upcoming is None or self.ledger.find(upcoming.step) is not None:
+            return
+        if upcoming.generation != proposal.generation and self.config.kinship.needed:
+            return  # kinship at the generation's end may stop the search or steer donors
+        self.expect(self.offspring_recipe(upcoming, paths)[1])
+
+    def offspring(self, proposal, strategy: Evolver, paths: dict[str, Path]) -> Candidate:
+        de = self.config.de
+        recipe, text = self.offspring_recipe(proposal, paths)
         base = dict(
             step=proposal.step, generation=proposal.generation, slot=proposal.slot,
-            role="offspring", recipe=recipe_yaml(recipe),
+            role="offspring", recipe=text,
             parents=[proposal.target, *proposal.donors], operator=proposal.operator,
             F=de.F, CR=de.CR, seed=proposal.seed,
         )
-        state, merge_s, invalid = self.merge_candidate(recipe, proposal.step)
-        if invalid:
-            return Candidate(**base, status="invalid", merge_s=merge_s, note=invalid)
+        weights = self.merge_candidate(recipe, proposal.step, text)
+        self.expect_next(strategy, proposal, paths)
+        if weights.invalid:
+            return Candidate(**base, status="invalid", merge_s=weights.merge_s, note=weights.invalid)
+        state, merge_s, digest = weights.state, weights.merge_s, weights.content_hash
         if self.config.selection.mode == "merged":
             ref = self.slot.serve(state)
             trial = [paths[m] for m in strategy.members]
@@ -307,9 +373,10 @@ class Run:
             scored_state = self.merge(self.merger_recipe(trial))
             merge_s += time.perf_counter() - start
             self.slot.clear()
+            digest = None
         else:
             scored_state = state
-        fitness, scores, seconds, _ = self.score(scored_state, self.dev)
+        fitness, scores, seconds, _ = self.score(scored_state, self.dev, digest)
         accepted = strategy.accepts(proposal, fitness)
         member = None
         if accepted:
@@ -341,7 +408,7 @@ class Run:
         self, generation: int, strategy: Evolver, seconds: float, paths: dict[str, Path]
     ) -> None:
         fits = strategy.fitness
-        rows = [c for c in self.ledger.candidates("offspring") if c.generation == generation]
+        rows = self.ledger.candidates("offspring", generation=generation)
         stats = {
             "best": max(fits),
             "mean": sum(fits) / len(fits),
@@ -451,10 +518,17 @@ def _long_lived_heap_frozen() -> Iterator[None]:
 
 def evolve(config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Log = print) -> str:
     """The whole run; returns the result table."""
+    run = Run(config, run_dir, resume=resume, log=log)
+    try:
+        return _evolve(run, config, log)
+    finally:
+        run.ahead.close()
+
+
+def _evolve(run: Run, config: EvolveConfig, log: Log) -> str:
     from mergekit_evolver.lineage import write_lineage
     from mergekit_evolver.report import model_card, write_report
 
-    run = Run(config, run_dir, resume=resume, log=log)
     members = run.initial_members()
     final = None
     with _long_lived_heap_frozen():

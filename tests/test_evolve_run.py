@@ -127,7 +127,8 @@ def test_same_config_and_seed_give_bit_identical_model(world, finished, tmp_path
 def test_resume_after_kill_ends_with_the_uninterrupted_model(world, finished, tmp_path):
     out, _ = finished
     config = tmp_path / "run.yml"
-    config.write_text(yaml.safe_dump(CONFIG(world)))
+    # With the merge-ahead worker, which must not outlive the killed run.
+    config.write_text(yaml.safe_dump({**CONFIG(world), "merge_ahead": True}))
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([CLI, "evolve", str(config), "--out", str(run_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -144,13 +145,35 @@ def test_resume_after_kill_ends_with_the_uninterrupted_model(world, finished, tm
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert children, "the run started no merge-ahead worker"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(alive(int(pid)) for pid in children):
+        time.sleep(0.1)
+    assert not any(alive(int(pid)) for pid in children), "the worker outlived its run"
     assert not (run_dir / "model").exists()
     done = subprocess.run([CLI, "evolve", str(config), "--out", str(run_dir), "--resume"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (run_dir / "model/model.safetensors").read_bytes() == (out / "model/model.safetensors").read_bytes()
+
+
+def test_a_resume_may_switch_merging_ahead(world):
+    config = EvolveConfig.model_validate(CONFIG(world))
+    assert config.merge_ahead is False
+    for ahead in (True, False):
+        assert config.model_copy(update={"merge_ahead": ahead}).digest() == config.digest()
+
+
+def alive(pid: int) -> bool:
+    """Running, not exited (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def test_scores_are_cached_by_content_across_evaluators(world, tmp_path):
