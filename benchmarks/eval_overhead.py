@@ -82,7 +82,7 @@ def random_population(root: Path, like: Path, width: int, layers: int, n: int) -
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mergekit_evolver.population import copy_side_files
+    from mergekit_evolver.population.store import copy_side_files
 
     config = AutoConfig.from_pretrained(like)
     config.update(dict(
@@ -108,15 +108,15 @@ def random_population(root: Path, like: Path, width: int, layers: int, n: int) -
 
 
 def parameter_count(model_dir: Path) -> int:
-    from mergekit_evolver.population import tensor_shapes
+    from mergekit_evolver.population.store import tensor_shapes
 
     return sum(math.prod(shape) for shape in tensor_shapes(model_dir).values())
 
 
 def floor_merge_ms(models: list[Path], options) -> float:
     """Milliseconds per in-memory linear merge of two members through mergekit."""
-    from mergekit_evolver.merge import merge_in_memory, parse_merge_config
-    from mergekit_evolver.population import read_from_files
+    from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config
+    from mergekit_evolver.population.store import read_from_files
 
     recipe = parse_merge_config({
         "merge_method": "linear",
@@ -139,7 +139,7 @@ def one_core_for_scoring(enabled: bool):
     if not enabled:
         yield
         return
-    from mergekit_evolver.merge_ahead import MergeAhead
+    from mergekit_evolver.merging.ahead import MergeAhead
 
     import torch
 
@@ -168,8 +168,8 @@ def timed_run(config, run_dir: Path, merge_ahead: bool, spare_core: bool = False
     """One whole run, timed; returns the search's and the whole run's clocks."""
     import lm_eval.evaluator
 
-    from mergekit_evolver import run as run_module
-    from mergekit_evolver.merge_ahead import MergeAhead
+    from mergekit_evolver.run import context as run_module
+    from mergekit_evolver.merging.ahead import MergeAhead
 
     config = config.model_copy(update={"merge_ahead": merge_ahead})
     clock, totals = Clock(), Clock()
@@ -230,7 +230,7 @@ def main() -> None:
     from mergekit.options import MergeOptions
 
     from mergekit_evolver.config import load_evolve_config
-    from mergekit_evolver.evaluation import resolve_device
+    from mergekit_evolver.scoring.evaluator import resolve_device
     from mergekit_evolver.testbed import build_testbed
 
     build_testbed(Path(args.testbed), reuse=True, log=lambda *_: None)

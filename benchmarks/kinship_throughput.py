@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergekit_evolver.kinship import CHUNK_ELEMENTS, compute_kinship
-from mergekit_evolver.population import FileLoader
+from mergekit_evolver.kinship.metrics import CHUNK_ELEMENTS, compute_kinship
+from mergekit_evolver.population.store import FileLoader
 
 
 def build(root: Path, args) -> tuple[Path, list[Path]]:
@@ -83,8 +83,8 @@ def rss_of_kinship(base: Path, models: list[Path], chunk: int) -> tuple[float, f
     process; the peak is reset after import, so imports' transients don't count."""
     code = (
         "import sys\n"
-        "from mergekit_evolver.kinship import compute_kinship\n"
-        "import mergekit_evolver.population  # kinship's lazy import: count it with the imports\n"
+        "from mergekit_evolver.kinship.metrics import compute_kinship\n"
+        "import mergekit_evolver.population.store  # kinship's lazy import: count it with the imports\n"
         "def status(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key): return int(line.split()[1]) / 1024\n"

@@ -5,7 +5,7 @@ mergekit 0.1.5 has no plugin discovery: a method exists only in a process
 that imported and registered it.
 """
 
-from mergekit_evolver.registration import register_methods
+from mergekit_evolver.methods.registry import register_methods
 
 __version__ = "0.1.0"
 

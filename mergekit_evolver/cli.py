@@ -32,7 +32,7 @@ def yaml_command(merge_options: MergeOptions, config_file: str, out_path: str) -
 
     Same options and same output as mergekit-yaml. Bad input ends in one line
     and exit code 2; pass -v for the full traceback."""
-    from mergekit_evolver.merge import load_merge_config, merge_to_disk
+    from mergekit_evolver.merging.merge import load_merge_config, merge_to_disk
 
     merge_options.apply_global_options()
     config, source = load_merge_config(config_file)
@@ -60,7 +60,7 @@ def evolve_command(config_file: str, run_dir: str, resume: bool, verbose: bool, 
     Selection sees dev tasks only; the final table is on the report tasks.
     A run killed at any point continues with --resume to the same result."""
     from mergekit_evolver.config import load_evolve_config
-    from mergekit_evolver.run import evolve
+    from mergekit_evolver.run.context import evolve
 
     from tqdm import tqdm
 
@@ -74,7 +74,7 @@ def evolve_command(config_file: str, run_dir: str, resume: bool, verbose: bool, 
 @exits_cleanly()
 def report_command(run_dir: str) -> None:
     """Print a run's result table and save its plots under RUN_DIR/report."""
-    from mergekit_evolver.report import report_from_run_dir
+    from mergekit_evolver.report.render import report_from_run_dir
 
     click.echo(report_from_run_dir(Path(run_dir)))
 
@@ -127,8 +127,8 @@ def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
     from tqdm import tqdm
 
     from mergekit_evolver.config import load_evolve_config
-    from mergekit_evolver.ledger import LEDGER_FILE
-    from mergekit_evolver.run import evolve
+    from mergekit_evolver.ledger.store import LEDGER_FILE
+    from mergekit_evolver.run.context import evolve
     from mergekit_evolver.testbed import build_testbed
 
     build_testbed(Path(testbed_dir), reuse=True)
@@ -140,8 +140,8 @@ def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
 
 
 def _register_commands() -> None:
-    from mergekit_evolver.kinship import kinship_command
-    from mergekit_evolver.stats_collect import stats_command
+    from mergekit_evolver.kinship.metrics import kinship_command
+    from mergekit_evolver.stats.collect import stats_command
 
     main.add_command(kinship_command)
     main.add_command(stats_command)

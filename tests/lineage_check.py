@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_evolver.ledger import Ledger
+from mergekit_evolver.ledger.store import Ledger
 from tiny_models import load_tensors
 
 CLI = str(Path(sys.executable).parent / "mergekit-evolver")

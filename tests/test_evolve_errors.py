@@ -101,7 +101,7 @@ def test_out_dir_with_another_run_is_refused_untouched(world, tmp_path):
     run_dir = tmp_path / "out"
     run_dir.mkdir()
     (run_dir / "ledger.sqlite").write_bytes(b"")
-    from mergekit_evolver.ledger import Ledger
+    from mergekit_evolver.ledger.store import Ledger
 
     ledger = Ledger(run_dir)
     ledger.set_meta("config_digest", "someone-else")

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from mergekit_evolver.config import EvolveConfig
-from mergekit_evolver.evaluation import Evaluator, Suite
-from mergekit_evolver.ledger import Ledger
-from mergekit_evolver.population import load_state
-from mergekit_evolver.run import Run, evolve
+from mergekit_evolver.scoring.evaluator import Evaluator, Suite
+from mergekit_evolver.ledger.store import Ledger
+from mergekit_evolver.population.store import load_state
+from mergekit_evolver.run.context import Run, evolve
 from lineage_check import assert_lineage_replays
 from tiny_models import load_tensors
 from toy_world import make_world, run_config, save_model, write_task, reverse_items
@@ -271,7 +271,7 @@ def test_task_vector_space_run_records_replayable_recipes(world, tmp_path):
 
 @pytest.mark.parametrize("merger", ["regmean", "fisher"])
 def test_evolver_with_a_statistics_merger_keeps_each_slots_original_stats(world, tmp_path, merger):
-    from mergekit_evolver.stats_collect import Source, collect_to_dir
+    from mergekit_evolver.stats.collect import Source, collect_to_dir
 
     stats = []
     for i, model in enumerate(world.models):
@@ -293,7 +293,7 @@ def test_evolver_with_a_statistics_merger_keeps_each_slots_original_stats(world,
 
 
 def test_kinship_is_tracked_and_can_stop_the_search(world, tmp_path):
-    from mergekit_evolver.kinship import mean_kinship
+    from mergekit_evolver.kinship.metrics import mean_kinship
 
     config = run_config(world, de__generations=3)
     config["kinship"] = {"track": True, "diverse_donors": True, "stop_above": -1.0}

@@ -3,7 +3,7 @@ import hashlib
 import pytest
 import torch
 
-from mergekit_evolver.fingerprint import content_hash, first_non_finite
+from mergekit_evolver.merging.fingerprint import content_hash, first_non_finite
 
 
 def _state():

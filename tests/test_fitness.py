@@ -13,7 +13,7 @@ import torch
 from testbed_fixture import tiny_testbed  # noqa: F401  (a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_evolver.fitness import score_model, task_manager
+from mergekit_evolver.scoring.lmeval import score_model, task_manager
 from mergekit_evolver.testbed.train import encode_batch
 
 
@@ -149,7 +149,7 @@ def test_requests_built_once_score_like_freshly_built_ones(tiny_testbed):
     """Loaded tasks keep their built requests across calls (responses cleared),
     and the lm keeps each request's tokens: scoring another model's weights
     this way equals scoring with tasks and an lm made afresh."""
-    from mergekit_evolver import fitness
+    from mergekit_evolver.scoring import lmeval as fitness
 
     names = [tiny_testbed.dev_task("rev"), tiny_testbed.dev_task("argmax")]
     manager = fitness.resolve_task_manager(names, tiny_testbed.include_path)
@@ -172,7 +172,7 @@ def test_requests_built_once_score_like_freshly_built_ones(tiny_testbed):
 
 
 def test_shuffle_reorders_documents_the_same_way_every_time(tiny_testbed):
-    from mergekit_evolver import fitness
+    from mergekit_evolver.scoring import lmeval as fitness
 
     name = tiny_testbed.dev_task("rev")
     manager = fitness.resolve_task_manager([name], tiny_testbed.include_path)

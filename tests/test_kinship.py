@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from mergekit_evolver.kinship import (
+from mergekit_evolver.kinship.metrics import (
     compute_kinship,
     kinship_command,
     mean_kinship,

@@ -235,7 +235,7 @@ def test_protocol_misuse_is_refused():
 
 
 def test_pair_recipe_slerp_takes_the_fitter_as_base_others_the_common_base(tmp_path):
-    from mergekit_evolver.recipes import pair_recipe
+    from mergekit_evolver.recipes.candidates import pair_recipe
     from tiny_models import make_model
 
     a, b, base = (make_model(tmp_path / n, seed=i) for i, n in enumerate(("a", "b", "base")))
@@ -263,8 +263,8 @@ def test_greedy_config_refuses_methods_that_cannot_merge_a_pair(method, message)
 # ---------------------------------------------------------------- whole runs
 
 from mergekit_evolver.config import EvolveConfig  # noqa: E402
-from mergekit_evolver.ledger import Ledger  # noqa: E402
-from mergekit_evolver.run import evolve  # noqa: E402
+from mergekit_evolver.ledger.store import Ledger  # noqa: E402
+from mergekit_evolver.run.context import evolve  # noqa: E402
 from lineage_check import assert_lineage_replays  # noqa: E402
 from tiny_models import load_tensors  # noqa: E402
 from toy_world import make_world, run_config  # noqa: E402
@@ -360,9 +360,9 @@ def test_same_config_and_seed_give_the_same_search_and_model(world, finished, tm
 
 
 def test_resuming_a_finished_run_replays_every_step(world, finished, monkeypatch):
-    from mergekit_evolver import greedy
-    from mergekit_evolver.evaluation import Evaluator
-    from mergekit_evolver.run import Run
+    from mergekit_evolver.run import greedy
+    from mergekit_evolver.scoring.evaluator import Evaluator
+    from mergekit_evolver.run.context import Run
 
     before = [(c.step, c.fitness, c.member) for c in Ledger(finished).candidates()]
     model = (finished / "model/model.safetensors").read_bytes()
@@ -379,7 +379,7 @@ def test_resuming_a_finished_run_replays_every_step(world, finished, monkeypatch
 
 
 def test_a_run_interrupted_mid_round_resumes_to_the_same_model(world, finished, tmp_path, monkeypatch):
-    from mergekit_evolver import greedy
+    from mergekit_evolver.run import greedy
 
     real, calls = greedy.make_child, []
 

@@ -13,12 +13,12 @@ import torch
 from mergekit.options import MergeOptions
 
 from mergekit_evolver.config import EvolveConfig
-from mergekit_evolver.fingerprint import content_hash
-from mergekit_evolver.ledger import Ledger
-from mergekit_evolver.merge import merge_in_memory, parse_merge_config, recipe_yaml
-from mergekit_evolver.merge_ahead import MergeAhead
-from mergekit_evolver.population import read_from_files
-from mergekit_evolver.run import Run, evolve
+from mergekit_evolver.merging.fingerprint import content_hash
+from mergekit_evolver.ledger.store import Ledger
+from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config, recipe_yaml
+from mergekit_evolver.merging.ahead import MergeAhead
+from mergekit_evolver.population.store import read_from_files
+from mergekit_evolver.run.context import Run, evolve
 from toy_world import make_world, run_config
 
 OPTIONS = MergeOptions(quiet=True, device="cpu", random_seed=5)
@@ -130,8 +130,8 @@ def test_the_worker_does_not_run_the_callers_main_module(population, tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent(f"""
         from mergekit.options import MergeOptions
-        from mergekit_evolver.merge import parse_merge_config, recipe_yaml
-        from mergekit_evolver.merge_ahead import MergeAhead
+        from mergekit_evolver.merging.merge import parse_merge_config, recipe_yaml
+        from mergekit_evolver.merging.ahead import MergeAhead
 
         with open({str(marks)!r}, "a") as f:
             f.write("ran\\n")

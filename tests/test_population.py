@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from mergekit.options import MergeOptions
 
-from mergekit_evolver.fingerprint import content_hash
-from mergekit_evolver.merge import merge_in_memory
-from mergekit_evolver.population import (
+from mergekit_evolver.merging.fingerprint import content_hash
+from mergekit_evolver.merging.merge import merge_in_memory
+from mergekit_evolver.population.store import (
     FileLoader,
     MemorySlot,
     load_state,
@@ -15,7 +15,7 @@ from mergekit_evolver.population import (
     read_from_files,
     write_individual,
 )
-from mergekit_evolver.recipes import de_recipe
+from mergekit_evolver.recipes.candidates import de_recipe
 from tiny_models import make_model
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from mergekit.options import MergeOptions
 
-from mergekit_evolver.merge import merge_in_memory, parse_merge_config
-from mergekit_evolver.recipe_genome import METHOD_PARAMETERS, GenomeError, RecipeGenome
+from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config
+from mergekit_evolver.recipes.genome import METHOD_PARAMETERS, GenomeError, RecipeGenome
 from tiny_models import load_tensors
 from toy_world import save_model
 

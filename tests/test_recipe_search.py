@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from mergekit_evolver.cli import main
 from mergekit_evolver.config import EvolveConfig, load_evolve_config
-from mergekit_evolver.ledger import Ledger
-from mergekit_evolver.run import evolve
+from mergekit_evolver.ledger.store import Ledger
+from mergekit_evolver.run.context import evolve
 from lineage_check import assert_lineage_replays, same_tensors
 from toy_world import make_world, run_config
 
@@ -81,8 +81,8 @@ def test_plain_mergekit_yaml_reproduces_the_model_from_the_exported_recipe(de_ru
 def test_the_scored_candidate_is_the_exported_model(de_run):
     """The in-memory merge that was scored draws the same DARE masks as the
     written model: re-scoring the model gives the best candidate's dev scores."""
-    from mergekit_evolver.evaluation import Evaluator, Suite
-    from mergekit_evolver.population import load_state
+    from mergekit_evolver.scoring.evaluator import Evaluator, Suite
+    from mergekit_evolver.population.store import load_state
 
     config = EvolveConfig.model_validate(yaml.safe_load((de_run / "run.yml").read_text()))
     suite = Suite(config.fitness.tasks, config.fitness)

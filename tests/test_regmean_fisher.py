@@ -14,11 +14,11 @@ from mergekit.options import MergeOptions
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from de_run import run_yaml
-from mergekit_evolver import merge as merge_module
-from mergekit_evolver.merge import merge_in_memory, parse_merge_config
+from mergekit_evolver.merging import merge as merge_module
+from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config
 from mergekit_evolver.methods.regmean import STATS_METHODS, regmean_merge
-from mergekit_evolver.stats import StatsError, check_stats_recipe, write_stats
-from mergekit_evolver.stats_collect import collect_statistics
+from mergekit_evolver.stats.store import StatsError, check_stats_recipe, write_stats
+from mergekit_evolver.stats.collect import collect_statistics
 from tiny_models import load_tensors, make_model
 
 

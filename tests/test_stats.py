@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.stats import MANIFEST, open_stats, write_stats
-from mergekit_evolver.stats_collect import (
+from mergekit_evolver.stats.store import MANIFEST, open_stats, write_stats
+from mergekit_evolver.stats.collect import (
     Source,
     collect_statistics,
     linear_layers,

@@ -2,7 +2,7 @@
 
     θ* = Σ_i w_i F̂_i ⊙ θ_i / Σ_i w_i F̂_i,   F̂_i = max(F_i, fisher_floor)  (elementwise)
 
-F_i is model i's diagonal Fisher (see mergekit_evolver.stats), w_i its `weight`
+F_i is model i's diagonal Fisher (see mergekit_evolver.stats.store), w_i its `weight`
 (default 1.0). The floor keeps 0/0 away and turns elements no model is sensitive
 to into the weighted average; with `fisher_floor: 0`, elements where every F_i
 is 0 take the weighted average. A tensor no model has a Fisher for (a buffer, a
@@ -37,7 +37,7 @@ from mergekit.merge_methods import BasePolicy, InputContract, PerInput, TensorGr
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
-from mergekit_evolver.stats import group_stats
+from mergekit_evolver.stats.store import group_stats
 
 REFERENCE = "https://arxiv.org/abs/2111.09832"
 

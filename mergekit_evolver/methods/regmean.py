@@ -1,6 +1,6 @@
 """RegMean (Jin et al., ICLR 2023) as a mergekit merge method.
 
-For a linear weight with input Gram matrices G_i (see mergekit_evolver.stats):
+For a linear weight with input Gram matrices G_i (see mergekit_evolver.stats.store):
 
     W*ᵀ = (Σ_i w_i G̃_i)⁻¹ Σ_i w_i G̃_i W_iᵀ,   G̃ = α·G + (1−α)·diag(G)
 
@@ -43,7 +43,7 @@ No base_model; at least 2 models. Example:
     parameters: {alpha: 0.9}
     dtype: float32
 
-`check_stats_recipe` (mergekit_evolver.stats) checks a recipe's statistics
+`check_stats_recipe` (mergekit_evolver.stats.store) checks a recipe's statistics
 before merging; STATS_METHODS holds both methods for registration.
 """
 
@@ -64,7 +64,7 @@ from mergekit_evolver.methods.fisher import (
     stats_contract,
     weighted_average,
 )
-from mergekit_evolver.stats import check_stats_recipe, gram_input_axis, group_stats
+from mergekit_evolver.stats.store import check_stats_recipe, gram_input_axis, group_stats
 
 REFERENCE = "https://arxiv.org/abs/2212.09849"
 

@@ -60,7 +60,7 @@ def build_testbed(
 
 
 def _build(root: Path, spec: TestbedSpec, log: Callable[[str], None]) -> Testbed:
-    from mergekit_evolver.fitness import forget_task_manager
+    from mergekit_evolver.scoring.lmeval import forget_task_manager
     from mergekit_evolver.testbed.tokenizer import build_tokenizer
     from mergekit_evolver.testbed.train import (
         cpu_training_env,
@@ -229,7 +229,7 @@ def score_dir(path: Path, tasks: list[str], include_path: Path, *, batch_size: i
     """Test accuracy of the model saved in `path` on `tasks` (through fitness.score_model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_evolver.fitness import score_model
+    from mergekit_evolver.scoring.lmeval import score_model
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(path)

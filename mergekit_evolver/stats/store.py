@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.population import safetensors_shapes
+from mergekit_evolver.population.store import safetensors_shapes
 
 FORMAT = "mergekit-evolver-stats"
 VERSION = 1

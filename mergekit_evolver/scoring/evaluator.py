@@ -17,10 +17,10 @@ from typing import Mapping, Optional, Protocol, Sequence
 
 import torch
 
-from mergekit_evolver import fitness
+from mergekit_evolver.scoring import lmeval as fitness
 from mergekit_evolver.config import EvalSettings, TaskSpec
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.fingerprint import content_hash
+from mergekit_evolver.merging.fingerprint import content_hash
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 

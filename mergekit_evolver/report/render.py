@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mergekit_evolver.config import TaskSpec
-from mergekit_evolver.fitness import metric_name
-from mergekit_evolver.ledger import Candidate, Ledger
+from mergekit_evolver.scoring.lmeval import metric_name
+from mergekit_evolver.ledger.store import Candidate, Ledger
 
 REPORT_DIR = "report"
 
@@ -163,7 +163,7 @@ Run config:
 def report_from_run_dir(run_dir: Path) -> str:
     from mergekit_evolver.config import EvolveConfig
     from mergekit_evolver.errors import UserError
-    from mergekit_evolver.ledger import LEDGER_FILE
+    from mergekit_evolver.ledger.store import LEDGER_FILE
     import yaml
 
     run_dir = Path(run_dir)

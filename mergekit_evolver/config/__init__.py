@@ -253,7 +253,7 @@ class SearchConfig(Strict):
     @field_validator("merge_method")
     @classmethod
     def _searchable(cls, value: str) -> str:
-        from mergekit_evolver.recipe_genome import METHOD_PARAMETERS
+        from mergekit_evolver.recipes.genome import METHOD_PARAMETERS
 
         if value not in METHOD_PARAMETERS:
             raise ValueError(f"cannot search {value}; choose one of {', '.join(METHOD_PARAMETERS)}")
@@ -350,7 +350,7 @@ class EvolveConfig(Strict):
 def load_evolve_config(path: str | os.PathLike, evolve_flags: Optional[dict] = None) -> EvolveConfig:
     """A run config, or a mergekit-evolve config mapped onto one; evolve_flags
     are mergekit-evolve's command-line options (for its configs only)."""
-    from mergekit_evolver.evolve_compat import (
+    from mergekit_evolver.recipes.evolve_compat import (
         apply_evolve_flags,
         from_mergekit_evolve,
         is_mergekit_evolve_config,

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 from mergekit.config import MergeConfiguration
 
 from mergekit_evolver.config import STATS_METHODS
-from mergekit_evolver.merge import parse_merge_config
+from mergekit_evolver.merging.merge import parse_merge_config
 
 MERGE_DTYPE = "float32"
 

@@ -22,7 +22,7 @@ import mergekit_evolver  # noqa: F401  (the plugin's methods must be registered)
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.methods.de import check_recipe
 from mergekit_evolver.rng import keep_global_rng
-from mergekit_evolver.stats import check_stats_recipe
+from mergekit_evolver.stats.store import check_stats_recipe
 
 StateDict = dict[str, torch.Tensor]
 

@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.evaluation import Evaluator, Suite, check_chat_template, resolve_device
-from mergekit_evolver.fingerprint import content_hash, first_non_finite
-from mergekit_evolver.ledger import LEDGER_FILE, Candidate, Ledger
-from mergekit_evolver.merge import merge_in_memory, merge_to_disk, recipe_yaml
-from mergekit_evolver.merge_ahead import MergeAhead, Merged
-from mergekit_evolver.population import (
+from mergekit_evolver.scoring.evaluator import Evaluator, Suite, check_chat_template, resolve_device
+from mergekit_evolver.merging.fingerprint import content_hash, first_non_finite
+from mergekit_evolver.ledger.store import LEDGER_FILE, Candidate, Ledger
+from mergekit_evolver.merging.merge import merge_in_memory, merge_to_disk, recipe_yaml
+from mergekit_evolver.merging.ahead import MergeAhead, Merged
+from mergekit_evolver.population.store import (
     MemorySlot,
     architecture,
     load_state,
@@ -39,7 +39,7 @@ from mergekit_evolver.population import (
     tensor_shapes,
     write_individual,
 )
-from mergekit_evolver.recipes import (
+from mergekit_evolver.recipes.candidates import (
     NEEDS_BASE,
     baseline_recipes,
     de_recipe,
@@ -159,7 +159,7 @@ class Run:
         check_chat_template(Path(config.population.models[0]), settings)
         self.genome = None
         if config.strategy == "recipe":
-            from mergekit_evolver.recipe_search import build_genome, make_optimizer
+            from mergekit_evolver.run.recipe_search import build_genome, make_optimizer
 
             self.genome = build_genome(config)
             make_optimizer(config, self.genome)  # its settings are checked before anything is made
@@ -392,7 +392,7 @@ class Run:
         settings = self.config.kinship
         if not settings.needed:
             return None
-        from mergekit_evolver.kinship import pairwise_kinship
+        from mergekit_evolver.kinship.metrics import pairwise_kinship
 
         ids = list(dict.fromkeys(strategy.members))
         pairs = pairwise_kinship(
@@ -526,18 +526,18 @@ def evolve(config: EvolveConfig, run_dir: Path, *, resume: bool = False, log: Lo
 
 
 def _evolve(run: Run, config: EvolveConfig, log: Log) -> str:
-    from mergekit_evolver.lineage import write_lineage
-    from mergekit_evolver.report import model_card, write_report
+    from mergekit_evolver.recipes.lineage import write_lineage
+    from mergekit_evolver.report.render import model_card, write_report
 
     members = run.initial_members()
     final = None
     with _long_lived_heap_frozen():
         if config.strategy == "kinship_greedy":
-            from mergekit_evolver.greedy import greedy_search
+            from mergekit_evolver.run.greedy import greedy_search
 
             final_members = greedy_search(run, members)
         elif config.strategy == "recipe":
-            from mergekit_evolver.recipe_search import recipe_strategy
+            from mergekit_evolver.run.recipe_search import recipe_strategy
 
             final_members, final = recipe_strategy(run, members)
         else:

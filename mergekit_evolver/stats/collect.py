@@ -51,7 +51,7 @@ import click
 import torch
 
 from mergekit_evolver.errors import UserError, exits_cleanly
-from mergekit_evolver.stats import DTYPES, KINDS, check_out_dir, write_stats
+from mergekit_evolver.stats.store import DTYPES, KINDS, check_out_dir, write_stats
 
 
 # ---------------------------------------------------------------- text sources
@@ -118,7 +118,7 @@ SPLITS = {"train": "training_docs", "validation": "validation_docs", "test": "te
 def load_task(name: str, include_path: Sequence[str] = ()):
     """An lm-eval task by name, loaded offline: from the --include-path folders
     when given, else from lm-eval's own tasks (whose data must be cached)."""
-    from mergekit_evolver import fitness
+    from mergekit_evolver.scoring import lmeval as fitness
 
     for path in include_path:
         if not Path(path).is_dir():

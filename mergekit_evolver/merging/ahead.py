@@ -63,9 +63,9 @@ def serve(conn: Connection) -> None:
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from mergekit_evolver.fingerprint import content_hash, first_non_finite
-    from mergekit_evolver.merge import merge_in_memory
-    from mergekit_evolver.population import read_from_files
+    from mergekit_evolver.merging.fingerprint import content_hash, first_non_finite
+    from mergekit_evolver.merging.merge import merge_in_memory
+    from mergekit_evolver.population.store import read_from_files
 
     try:
         conn.send(READY)
@@ -131,9 +131,9 @@ class MergeAhead:
             return
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        code = f"from mergekit_evolver.merge_ahead import serve_fd; serve_fd({theirs.fileno()})"
+        code = f"from mergekit_evolver.merging.ahead import serve_fd; serve_fd({theirs.fileno()})"
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", code], pass_fds=(theirs.fileno(),), env=env,

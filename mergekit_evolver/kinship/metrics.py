@@ -174,7 +174,7 @@ class _TensorReader:
     (sharded safetensors, never unpickles, no whole-shard mmap held)."""
 
     def __init__(self, path: Path, label: str):
-        from mergekit_evolver.population import FileLoader
+        from mergekit_evolver.population.store import FileLoader
 
         path = Path(path)
         if not path.is_dir():

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.ledger import Candidate
-from mergekit_evolver.merge import parse_merge_config, recipe_yaml
-from mergekit_evolver.population import read_json
-from mergekit_evolver.recipe_genome import NEEDS_BASE, GenomeError, RecipeGenome
-from mergekit_evolver.run import Member, Run, write_generations_log
+from mergekit_evolver.ledger.store import Candidate
+from mergekit_evolver.merging.merge import parse_merge_config, recipe_yaml
+from mergekit_evolver.population.store import read_json
+from mergekit_evolver.recipes.genome import NEEDS_BASE, GenomeError, RecipeGenome
+from mergekit_evolver.run.context import Member, Run, write_generations_log
 from mergekit_evolver.search.cmaes import CMAES
 from mergekit_evolver.search.seeds import derive_rng
 from mergekit_evolver.search.vector_de import Trial, VectorDE

@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 
-from mergekit_evolver.kinship import pairwise_kinship
-from mergekit_evolver.ledger import Candidate
-from mergekit_evolver.merge import recipe_yaml
-from mergekit_evolver.population import write_individual
-from mergekit_evolver.recipes import pair_recipe
-from mergekit_evolver.run import Member, Run, write_generations_log
+from mergekit_evolver.kinship.metrics import pairwise_kinship
+from mergekit_evolver.ledger.store import Candidate
+from mergekit_evolver.merging.merge import recipe_yaml
+from mergekit_evolver.population.store import write_individual
+from mergekit_evolver.recipes.candidates import pair_recipe
+from mergekit_evolver.run.context import Member, Run, write_generations_log
 from mergekit_evolver.search.kinship_greedy import KinshipGreedy, Pair, Proposal, RoundSummary
 
 
