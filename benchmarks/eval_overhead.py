@@ -115,7 +115,8 @@ def parameter_count(model_dir: Path) -> int:
 
 def floor_merge_ms(models: list[Path], options) -> float:
     """Milliseconds per in-memory linear merge of two members through mergekit."""
-    from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config
+    from mergekit_evolver.merging.merge import merge_in_memory
+    from mergekit_evolver.recipes.parse import parse_merge_config
     from mergekit_evolver.population.store import read_from_files
 
     recipe = parse_merge_config({
@@ -168,38 +169,40 @@ def timed_run(config, run_dir: Path, merge_ahead: bool, spare_core: bool = False
     """One whole run, timed; returns the search's and the whole run's clocks."""
     import lm_eval.evaluator
 
-    from mergekit_evolver.run import context as run_module
+    import mergekit_evolver.run as run_module
     from mergekit_evolver.merging.ahead import MergeAhead
+    from mergekit_evolver.run import executor
+    from mergekit_evolver.run.loop import CandidateLoop
 
     config = config.model_copy(update={"merge_ahead": merge_ahead})
     clock, totals = Clock(), Clock()
     saved = {
         (owner, name): getattr(owner, name)
         for owner, name in [(HFLM, n) for n in MODEL_CALLS] + [
-            (lm_eval.evaluator, "evaluate"), (run_module, "merge_in_memory"),
-            (run_module.Run, "offspring"), (run_module.Run, "evolve"), (MergeAhead, "take"),
+            (lm_eval.evaluator, "evaluate"), (executor, "merge_in_memory"),
+            (CandidateLoop, "_compute"), (run_module, "search"), (MergeAhead, "take"),
         ]
     }
     for name in MODEL_CALLS:
         clock.wrap(HFLM, name, "model")
         totals.wrap(HFLM, name, "model")
     clock.wrap(lm_eval.evaluator, "evaluate", "evaluate")  # fitness imports it per call
-    clock.wrap(run_module, "merge_in_memory", "merge")
+    clock.wrap(executor, "merge_in_memory", "merge")
     clock.wrap(MergeAhead, "take", "take")
-    clock.wrap(run_module.Run, "offspring", "candidate")
-    clock.wrap(run_module.Run, "evolve", "search")
+    clock.wrap(CandidateLoop, "_compute", "candidate")
+    clock.wrap(run_module, "search", "search")
     searched = {}
-    original_evolve = run_module.Run.evolve
+    original_search = run_module.search
 
-    def search_only(self, members):
+    def search_only(run, members):
         clock.on = True
         try:
-            return original_evolve(self, members)
+            return original_search(run, members)
         finally:
             clock.on = False
-            searched.update(taken=self.ahead.taken, missed=self.ahead.missed)
+            searched.update(taken=run.executor.ahead.taken, missed=run.executor.ahead.missed)
 
-    run_module.Run.evolve = search_only
+    run_module.search = search_only
     try:
         with one_core_for_scoring(spare_core):
             totals.on = True

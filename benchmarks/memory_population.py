@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 def child(args) -> None:
     from mergekit_evolver.config import EvolveConfig
-    from mergekit_evolver.run.context import evolve
+    from mergekit_evolver.run import evolve
     from toy_world import ToyWorld, run_config
 
     root = Path(args.root)

@@ -31,8 +31,8 @@ from typing import Optional
 import yaml
 
 from mergekit_evolver.config import EvolveConfig
-from mergekit_evolver.ledger.store import Ledger
-from mergekit_evolver.run.context import evolve
+from mergekit_evolver.ledger import Ledger
+from mergekit_evolver.run import evolve
 from testbed_runs import fmt, group_means, parse_args, testbed_for
 
 GENOME = {"merge_method": "task_arithmetic", "layer_granularity": 1, "filters": ["self_attn", "mlp"]}

@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from mergekit_evolver.config import EvolveConfig
-from mergekit_evolver.ledger.store import Ledger
-from mergekit_evolver.run.context import evolve
+from mergekit_evolver.ledger import Ledger
+from mergekit_evolver.run import evolve
 from mergekit_evolver.stats.collect import Source, collect_to_dir
 from testbed_runs import fmt, group_means, parse_args, testbed_for
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 import click
@@ -12,8 +13,9 @@ from mergekit_evolver.errors import exits_cleanly
 
 DEFAULT_TESTBED = Path(".testbed")
 DEFAULT_DEMO_RUN = Path("runs/demo")
-# The demo config ships in the repository beside the package.
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yml"
+# Package data, so a wheel install has it too (a source checkout's top-level
+# examples/ is not installed).
+DEMO_CONFIG = Path(str(files("mergekit_evolver") / "examples" / "demo.yml"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,7 +34,8 @@ def yaml_command(merge_options: MergeOptions, config_file: str, out_path: str) -
 
     Same options and same output as mergekit-yaml. Bad input ends in one line
     and exit code 2; pass -v for the full traceback."""
-    from mergekit_evolver.merging.merge import load_merge_config, merge_to_disk
+    from mergekit_evolver.merging.merge import merge_to_disk
+    from mergekit_evolver.recipes.parse import load_merge_config
 
     merge_options.apply_global_options()
     config, source = load_merge_config(config_file)
@@ -60,7 +63,7 @@ def evolve_command(config_file: str, run_dir: str, resume: bool, verbose: bool, 
     Selection sees dev tasks only; the final table is on the report tasks.
     A run killed at any point continues with --resume to the same result."""
     from mergekit_evolver.config import load_evolve_config
-    from mergekit_evolver.run.context import evolve
+    from mergekit_evolver.run import evolve
 
     from tqdm import tqdm
 
@@ -127,8 +130,8 @@ def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
     from tqdm import tqdm
 
     from mergekit_evolver.config import load_evolve_config
-    from mergekit_evolver.ledger.store import LEDGER_FILE
-    from mergekit_evolver.run.context import evolve
+    from mergekit_evolver.ledger import LEDGER_FILE
+    from mergekit_evolver.run import evolve
     from mergekit_evolver.testbed import build_testbed
 
     build_testbed(Path(testbed_dir), reuse=True)

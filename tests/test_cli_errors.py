@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from de_run import run_yaml, write_config
+from mergekit_evolver.cli import main
 
 CLI = str(Path(sys.executable).parent / "mergekit-evolver")
 
@@ -102,22 +104,31 @@ def test_missing_config_file(tmp_path):
 
 
 def test_console_script_exits_2_without_traceback(tmp_path, population):
+    # A real process: the installed script's exit code and its two streams.
     config = rand1(tmp_path, population, CR=7)
     done = subprocess.run(
         [CLI, "yaml", str(config), str(tmp_path / "out")], capture_output=True, text=True
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
+    assert "Traceback" not in done.stdout
     assert done.stderr.strip().splitlines()[-1] == (
         "mergekit-evolver: error: CR must be in [0.0, 1.0]; got 7.0"
     )
 
 
+def test_console_script_has_help():
+    done = subprocess.run([CLI, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert "Usage:" in done.stdout
+
+
 def test_every_subcommand_has_help():
+    # In-process: a fresh interpreter per command only repeats the import.
     for command in ([], ["yaml"], ["evolve"], ["report"], ["kinship"], ["stats"], ["testbed"], ["demo"]):
-        done = subprocess.run([CLI, *command, "--help"], capture_output=True, text=True)
-        assert done.returncode == 0, command
-        assert "Usage:" in done.stdout
+        result = CliRunner().invoke(main, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage:" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -180,15 +180,19 @@ def test_same_config_is_bit_identical_across_thread_counts(tmp_path, population)
     # Separate processes: torch fixes its interop thread count once per process.
     x, donors = population[0], population[1:4]
     config = write_config(tmp_path / "c.yml", "de_rand1", x, donors, F=F, CR=0.5, seed=21)
-    outputs = []
+    # Both at once: each spends most of its time importing torch and mergekit.
+    procs = {}
     for threads in (1, 2):
         out_dir = tmp_path / f"out{threads}"
-        done = subprocess.run(
+        procs[out_dir] = subprocess.Popen(
             [CLI, "yaml", str(config), str(out_dir), "--no-copy-tokenizer", "--quiet",
              "--num-threads", str(threads)],
-            capture_output=True, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        assert done.returncode == 0, done.stderr
+    outputs = []
+    for out_dir, proc in procs.items():
+        _, stderr = proc.communicate()
+        assert proc.returncode == 0, stderr
         outputs.append((out_dir / "model.safetensors").read_bytes())
     assert outputs[0] == outputs[1]
 

@@ -11,12 +11,12 @@ import yaml
 from click.testing import CliRunner
 
 from mergekit_evolver.cli import main
-from toy_world import make_world, run_config, save_model
+from toy_world import run_config, save_model
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+def world(shared_world):
+    return shared_world  # read only: runs write under their own tmp dirs
 
 
 def snapshot(folder: Path) -> dict:
@@ -101,7 +101,7 @@ def test_out_dir_with_another_run_is_refused_untouched(world, tmp_path):
     run_dir = tmp_path / "out"
     run_dir.mkdir()
     (run_dir / "ledger.sqlite").write_bytes(b"")
-    from mergekit_evolver.ledger.store import Ledger
+    from mergekit_evolver.ledger import Ledger
 
     ledger = Ledger(run_dir)
     ledger.set_meta("config_digest", "someone-else")

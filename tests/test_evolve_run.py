@@ -17,9 +17,10 @@ import yaml
 
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.scoring.evaluator import Evaluator, Suite
-from mergekit_evolver.ledger.store import Ledger
+from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.population.store import load_state
-from mergekit_evolver.run.context import Run, evolve
+import mergekit_evolver.run as run_package
+from mergekit_evolver.run import evolve
 from lineage_check import assert_lineage_replays
 from tiny_models import load_tensors
 from toy_world import make_world, run_config, save_model, write_task, reverse_items
@@ -28,8 +29,8 @@ CLI = str(Path(sys.executable).parent / "mergekit-evolver")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+def world(shared_world):
+    return shared_world  # read only: runs write under their own tmp dirs
 
 
 def run(config: dict, out: Path) -> str:
@@ -101,11 +102,11 @@ def test_outputs_model_lineage_report(finished, tmp_path):
 def test_the_search_leaves_the_garbage_collector_as_it_found_it(world, finished, tmp_path, monkeypatch):
     assert gc.get_freeze_count() == 0  # after the whole run in `finished`
 
-    def search(self, members):
+    def search(run, members):
         assert gc.get_freeze_count() > 0  # the heap built before the search is frozen during it
         raise RuntimeError("stopped mid-search")
 
-    monkeypatch.setattr(Run, "evolve", search)
+    monkeypatch.setattr(run_package, "search", search)
     with pytest.raises(RuntimeError, match="mid-search"):
         run(CONFIG(world), tmp_path / "b")
     assert gc.get_freeze_count() == 0
@@ -263,10 +264,25 @@ def test_task_vector_space_run_records_replayable_recipes(world, tmp_path):
                                    "space": "task_vectors", "sparsify": "dare", "density": 0.5})
     config["report"] = {"tasks": [], "baselines": []}
     run(config, tmp_path / "tv")
-    for c in Ledger(tmp_path / "tv").candidates("offspring"):
+    from mergekit.options import MergeOptions
+
+    from mergekit_evolver.merging.fingerprint import content_hash
+    from mergekit_evolver.merging.merge import merge_in_memory
+    from mergekit_evolver.recipes.parse import parse_merge_config
+
+    rows = Ledger(tmp_path / "tv").candidates("offspring")
+    assert len(rows) == len(world.models)
+    options = MergeOptions(quiet=True, device="cpu", random_seed=config.get("seed", 0))
+    for c in rows:
         recipe = yaml.safe_load(c.recipe)
         assert recipe["parameters"]["space"] == "task_vectors"
         assert recipe["models"][-1] == {"model": str(world.base), "parameters": {"reference": True}}
+        # Replayed from its recorded recipe alone, the offspring is the one the run scored.
+        replayed = merge_in_memory(parse_merge_config(recipe), options)
+        assert content_hash(replayed) == c.content_hash
+        if c.status == "accepted":
+            stored = load_state(Path(c.member))
+            assert set(stored) == set(replayed) and all(torch.equal(stored[k], replayed[k]) for k in stored)
 
 
 @pytest.mark.parametrize("merger", ["regmean", "fisher"])
@@ -310,17 +326,23 @@ def test_kinship_is_tracked_and_can_stop_the_search(world, tmp_path):
 
 
 def test_diverse_donors_prefer_unrelated_members():
-    from mergekit_evolver.search.evolver import Evolver
+    from mergekit_evolver.search.evolver import Evolver, KinshipUse
+    from mergekit_evolver.search.protocol import REJECTED
 
     s = Evolver(["a", "b", "c", "d"], [0.1] * 4, operator="de_current_to_rand1",
-                mode="individual", generations=200, seed=1)
-    s.set_kinship({("a", "b"): 0.95, ("a", "c"): 0.0, ("a", "d"): -0.5,
-                   ("b", "c"): 0.0, ("b", "d"): 0.0, ("c", "d"): 0.0})
+                mode="individual", generations=200, seed=1, kinship=KinshipUse(diverse_donors=True))
+    table = {("a", "b"): 0.95, ("a", "c"): 0.0, ("a", "d"): -0.5,
+             ("b", "c"): 0.0, ("b", "d"): 0.0, ("c", "d"): 0.0}
     picks = []
-    while (p := s.ask()) is not None:
-        if p.target == "a":
-            picks.append(p.donors[0])
-        s.tell(p, None, "x")
+    while not s.done:
+        if (request := s.needs()) is not None:
+            s.give(request, table)
+        elif (p := s.ask()) is not None:
+            if p.target == "a":
+                picks.append(p.donors[0])
+            s.tell(p, REJECTED)
+        else:
+            s.end_generation()
     share = {m: picks.count(m) / len(picks) for m in "bcd"}
     assert share["d"] > share["c"] > share["b"]
     assert share["b"] > 0  # close relatives are unlikely, not excluded

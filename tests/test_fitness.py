@@ -10,7 +10,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from testbed_fixture import tiny_testbed  # noqa: F401  (a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_evolver.scoring.lmeval import score_model, task_manager

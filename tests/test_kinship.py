@@ -63,11 +63,10 @@ def invoke(*args: str):
     return CliRunner().invoke(kinship_command, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory) -> list[Path]:
-    """base, then three models."""
-    root = tmp_path_factory.mktemp("kinship32")
-    return [make_model(root / f"k{i}", seed=200 + i) for i in range(4)]
+@pytest.fixture
+def fp32(population) -> list[Path]:
+    """base, then three models: fp32 tiny Llamas, read only."""
+    return population[:4]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from mergekit_evolver.search.kinship_greedy import KinshipGreedy, pair_key
+from mergekit_evolver.search.protocol import Result
 
 # ---------------------------------------------------------------- pure strategy
 
@@ -56,7 +57,7 @@ def drive(s: KinshipGreedy, fit, kinship=None, rounds=None) -> list:
         else:
             p = s.ask()
             proposals.append(p)
-            s.tell(p, fit(p))
+            s.tell(p, Result(fit(p)))
     return proposals
 
 
@@ -68,7 +69,7 @@ def test_round_one_merges_every_starting_pair_fitter_parent_first():
     asked = []
     while (p := s.ask()) is not None:
         asked.append(p)
-        s.tell(p, 0.1)
+        s.tell(p, Result(0.1))
     assert [(p.base, p.other) for p in asked] == list(combinations(["m2", "m0", "m3", "m1"], 2))
     assert [p.step for p in asked] == [f"greedy/r001/p{i:02d}" for i in range(6)]
     assert [p.child for p in asked] == [f"r001_p{i:02d}" for i in range(6)]
@@ -94,7 +95,7 @@ def test_a_child_worse_than_every_kept_member_is_not_kept():
     s = strategy(top_k=2)
     drive(s, lambda p: 0.01, rounds=1)
     p = s.ask()
-    assert not s.accepts(p, 0.01) and not s.tell(p, 0.01)
+    assert not s.accepts(p, 0.01) and not s.tell(p, Result(0.01))
     assert s.accepts(p, 0.6)  # beats the 2nd best (0.5)
 
 
@@ -113,7 +114,7 @@ def test_later_rounds_merge_only_pairs_not_merged_before():
     r2 = []
     while (p := s.ask()) is not None:
         r2.append(p)
-        s.tell(p, 0.0)
+        s.tell(p, Result(0.0))
     # (m2, m0) was merged in round 1: only the new child's pairs remain.
     assert [(p.base, p.other) for p in r2] == [("r001_p03", "m2"), ("r001_p03", "m0")]
     assert s.used == 8
@@ -135,7 +136,7 @@ def test_a_stall_explores_with_the_lowest_kinship_partner_and_goes_on_if_it_impr
     p = s.ask()
     assert (p.kind, p.step, p.base, p.other, p.kinship) == ("explore", "greedy/r003/explore", "r001_p00", "m1", -0.2)
     assert s.ask() is None
-    s.tell(p, 0.97)
+    s.tell(p, Result(0.97))
     s.add_kinship(kinship(s.kinship_needed()))
     r3 = s.end_round()
     assert r3.improved and r3.members[0] == "r003_explore" and r3.next == "pair"
@@ -223,8 +224,8 @@ def test_protocol_misuse_is_refused():
     s.end_round()
     first, second = s.ask(), s.ask()
     with pytest.raises(ValueError, match="out of order"):
-        s.tell(second, 0.1)
-    s.tell(first, 0.1)
+        s.tell(second, Result(0.1))
+    s.tell(first, Result(0.1))
     with pytest.raises(RuntimeError, match="before every proposal"):
         s.end_round()
     with pytest.raises(ValueError, match="without a fitness"):
@@ -263,17 +264,18 @@ def test_greedy_config_refuses_methods_that_cannot_merge_a_pair(method, message)
 # ---------------------------------------------------------------- whole runs
 
 from mergekit_evolver.config import EvolveConfig  # noqa: E402
-from mergekit_evolver.ledger.store import Ledger  # noqa: E402
-from mergekit_evolver.run.context import evolve  # noqa: E402
+from mergekit_evolver.ledger import Ledger  # noqa: E402
+from mergekit_evolver.run import evolve  # noqa: E402
 from lineage_check import assert_lineage_replays  # noqa: E402
 from tiny_models import load_tensors  # noqa: E402
-from toy_world import make_world, run_config  # noqa: E402
+from toy_world import ToyWorld, run_config  # noqa: E402
 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("greedy_world"), n_models=3)
+def world(shared_world):
+    # The first three of the shared four: make_world(n_models=3) builds the same (read only).
+    return ToyWorld(shared_world.models[:3], shared_world.base, shared_world.include_path)
 
 
 def greedy_config(world, **greedy) -> dict:
@@ -360,7 +362,8 @@ def test_same_config_and_seed_give_the_same_search_and_model(world, finished, tm
 
 
 def test_resuming_a_finished_run_replays_every_step(world, finished, monkeypatch):
-    from mergekit_evolver.run import greedy
+    from mergekit_evolver.run import loop
+    from mergekit_evolver.run.executor import InProcess
     from mergekit_evolver.scoring.evaluator import Evaluator
     from mergekit_evolver.run.context import Run
 
@@ -372,16 +375,17 @@ def test_resuming_a_finished_run_replays_every_step(world, finished, monkeypatch
 
     monkeypatch.setattr(Run, "merge", refuse)
     monkeypatch.setattr(Evaluator, "score", refuse)
-    monkeypatch.setattr(greedy, "pairwise_kinship", refuse)
+    monkeypatch.setattr(loop, "pairwise_kinship", refuse)
+    monkeypatch.setattr(InProcess, "merge", refuse)  # every candidate merge goes through it
     run(greedy_config(world), finished, resume=True)
     assert [(c.step, c.fitness, c.member) for c in Ledger(finished).candidates()] == before
     assert (finished / "model/model.safetensors").read_bytes() == model
 
 
 def test_a_run_interrupted_mid_round_resumes_to_the_same_model(world, finished, tmp_path, monkeypatch):
-    from mergekit_evolver.run import greedy
+    from mergekit_evolver.run.loop import CandidateLoop
 
-    real, calls = greedy.make_child, []
+    real, calls = CandidateLoop._compute, []
 
     def dies_on_the_third(*args):
         calls.append(1)
@@ -389,11 +393,11 @@ def test_a_run_interrupted_mid_round_resumes_to_the_same_model(world, finished, 
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(greedy, "make_child", dies_on_the_third)
+    monkeypatch.setattr(CandidateLoop, "_compute", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         run(greedy_config(world), tmp_path / "c")
     assert len(greedy_rows(tmp_path / "c")) == 2 and not (tmp_path / "c/model").exists()
-    monkeypatch.setattr(greedy, "make_child", real)
+    monkeypatch.setattr(CandidateLoop, "_compute", real)
     run(greedy_config(world), tmp_path / "c", resume=True)
     assert [c.step for c in greedy_rows(tmp_path / "c")] == [c.step for c in greedy_rows(finished)]
     assert (tmp_path / "c/model/model.safetensors").read_bytes() == (finished / "model/model.safetensors").read_bytes()

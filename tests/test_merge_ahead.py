@@ -14,12 +14,13 @@ from mergekit.options import MergeOptions
 
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.merging.fingerprint import content_hash
-from mergekit_evolver.ledger.store import Ledger
-from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config, recipe_yaml
+from mergekit_evolver.ledger import Ledger
+from mergekit_evolver.merging.merge import merge_in_memory
+from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.merging.ahead import MergeAhead
 from mergekit_evolver.population.store import read_from_files
-from mergekit_evolver.run.context import Run, evolve
-from toy_world import make_world, run_config
+from mergekit_evolver.run import Run, evolve
+from toy_world import run_config
 
 OPTIONS = MergeOptions(quiet=True, device="cpu", random_seed=5)
 READY_S = 120
@@ -130,7 +131,7 @@ def test_the_worker_does_not_run_the_callers_main_module(population, tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent(f"""
         from mergekit.options import MergeOptions
-        from mergekit_evolver.merging.merge import parse_merge_config, recipe_yaml
+        from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
         from mergekit_evolver.merging.ahead import MergeAhead
 
         with open({str(marks)!r}, "a") as f:
@@ -161,8 +162,8 @@ STRATEGIES = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+def world(shared_world):
+    return shared_world  # read only: runs write under their own tmp dirs
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -174,9 +175,9 @@ def test_merging_ahead_changes_no_result(world, tmp_path, monkeypatch, strategy)
 
     def members_then_a_ready_worker(self):
         members = original(self)
-        if self.ahead.enabled:
-            assert self.ahead.wait_ready(READY_S), "the merge-ahead worker never became ready"
-        taken.append(self.ahead)
+        if self.executor.ahead.enabled:
+            assert self.executor.ahead.wait_ready(READY_S), "the merge-ahead worker never became ready"
+        taken.append(self.executor.ahead)
         return members
 
     monkeypatch.setattr(Run, "initial_members", members_then_a_ready_worker)

@@ -10,18 +10,18 @@ import pytest
 import torch
 from mergekit.options import MergeOptions
 
-from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config
+from mergekit_evolver.merging.merge import merge_in_memory
+from mergekit_evolver.recipes.parse import parse_merge_config
 from mergekit_evolver.recipes.genome import METHOD_PARAMETERS, GenomeError, RecipeGenome
 from tiny_models import load_tensors
-from toy_world import save_model
 
 OPTIONS = MergeOptions(quiet=True, random_seed=7)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("genome")
-    return [str(save_model(root / f"m{i}", seed=40 + i)) for i in range(4)], str(save_model(root / "base", seed=49))
+@pytest.fixture
+def models(shared_world):
+    """Four tiny two-layer Llamas and a base, as path strings; read only."""
+    return [str(m) for m in shared_world.models], str(shared_world.base)
 
 
 def merged(genome: RecipeGenome, x) -> dict[str, torch.Tensor]:

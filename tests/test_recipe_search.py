@@ -19,17 +19,17 @@ from click.testing import CliRunner
 
 from mergekit_evolver.cli import main
 from mergekit_evolver.config import EvolveConfig, load_evolve_config
-from mergekit_evolver.ledger.store import Ledger
-from mergekit_evolver.run.context import evolve
+from mergekit_evolver.ledger import Ledger
+from mergekit_evolver.run import evolve
 from lineage_check import assert_lineage_replays, same_tensors
-from toy_world import make_world, run_config
+from toy_world import run_config
 
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
+def world(shared_world):
+    return shared_world  # read only: runs write under their own tmp dirs
 
 
 def run(config: dict, out: Path) -> str:

@@ -4,20 +4,23 @@ orientation, the stats-location convention, and errors before any write."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from mergekit import merge_methods
+from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from de_run import run_yaml
-from mergekit_evolver.merging import merge as merge_module
-from mergekit_evolver.merging.merge import merge_in_memory, parse_merge_config
+from mergekit_evolver.recipes import parse as parse_module
+from mergekit_evolver.merging.merge import merge_in_memory
+from mergekit_evolver.recipes.parse import parse_merge_config
 from mergekit_evolver.methods.regmean import STATS_METHODS, regmean_merge
-from mergekit_evolver.stats.store import StatsError, check_stats_recipe, write_stats
+from mergekit_evolver.stats.store import StatsError, check_stats_recipe, group_stats, write_stats
 from mergekit_evolver.stats.collect import collect_statistics
 from tiny_models import load_tensors, make_model
 
@@ -90,6 +93,12 @@ def merge(data) -> dict[str, torch.Tensor]:
     return merge_in_memory(config, MergeOptions())
 
 
+def assert_every_tensor_merged(out, world) -> None:
+    # Guards the per-tensor loops below: over an empty merge they would check nothing.
+    assert out, "the merge produced no tensors"
+    assert set(out) == set(world["tensors"][0])
+
+
 def with_m2_stats(world, weights=None):
     """Per-model parameters: m2 points at its original's stats (Evolver case)."""
     out = [{} if weights is None else {"weight": w} for w in (weights or [None] * 3)]
@@ -135,6 +144,7 @@ def test_identical_grams_reduce_to_plain_average(world):
     # Every model reads m0's statistics: the Gram factors cancel.
     shared = str(world["dirs"][0])
     out = merge(recipe("regmean", world["models"], {"alpha": 0.9}, [{"stats": shared}] * 3))
+    assert_every_tensor_merged(out, world)
     for name in out:
         expected = avg([1, 1, 1], [t[name] for t in world["tensors"]])
         torch.testing.assert_close(out[name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
@@ -156,7 +166,7 @@ def test_fisher_equals_formula(world, floor):
     ws = [2.0, 1.0, 1.0]
     per = with_m2_stats(world, ws)
     out = merge(recipe("fisher", world["models"], {"fisher_floor": floor}, per))
-    assert set(out) == set(world["tensors"][0])
+    assert_every_tensor_merged(out, world)
     for name in out:
         fs = [w * f[name].double().clamp_min(floor) for w, f in zip(ws, world["fishers"])]
         expected = sum(f * t[name].double() for f, t in zip(fs, world["tensors"])) / sum(fs)
@@ -169,6 +179,7 @@ def test_fisher_floor_zero_where_all_fishers_vanish_is_the_average(world, tmp_pa
     for i, z in enumerate(zeros):
         dirs.append(write_stats(tmp_path / f"z{i}", model="x", fisher=z))
     out = merge(recipe("fisher", world["models"], {"fisher_floor": 0.0}, [{"stats": str(d)} for d in dirs]))
+    assert_every_tensor_merged(out, world)
     for name in out:
         expected = avg([1, 1, 1], [t[name] for t in world["tensors"]])
         torch.testing.assert_close(out[name].double(), expected, rtol=1e-6, atol=1e-7, msg=name)
@@ -306,6 +317,26 @@ def test_base_model_is_refused(world):
     expect_error(data, "fisher takes no base_model")
 
 
+REMOTE = "some-org/remote-model"
+NO_DEFAULT = (
+    f"regmean: model {REMOTE}: not a local directory, so its statistics have no default "
+    "location; give them with the per-model parameter `stats: DIR`"
+)
+
+
+def test_a_model_that_is_not_a_local_dir_is_named_once(world):
+    message = expect_error(recipe("regmean", [REMOTE, *world["models"][:2]]))
+    assert message == NO_DEFAULT
+
+
+def test_the_kernel_names_a_model_that_is_not_a_local_dir_once():
+    entry = SimpleNamespace(id=ModelReference.parse(REMOTE), tensor=torch.zeros(4, 4))
+    group = SimpleNamespace(metadata=SimpleNamespace(name="lm_head.weight"), entries=[entry])
+    with pytest.raises(StatsError) as info:
+        group_stats("regmean", "gram", group, None)
+    assert str(info.value) == NO_DEFAULT
+
+
 def test_kernel_also_names_the_model_when_the_recipe_was_not_checked(world):
     config = MergeConfiguration.model_validate(recipe("regmean", world["models"]))
     with pytest.raises(StatsError, match=f"model {world['models'][2]}: no statistics at"):
@@ -316,13 +347,13 @@ def test_kernel_also_names_the_model_when_the_recipe_was_not_checked(world):
 def stats_checked_at_the_door(monkeypatch):
     """What parse_merge_config will do once the lead wires check_stats_recipe in
     (calling it twice is harmless)."""
-    original = merge_module.check_recipe
+    original = parse_module.check_recipe
 
     def both(config):
         original(config)
         check_stats_recipe(config)
 
-    monkeypatch.setattr(merge_module, "check_recipe", both)
+    monkeypatch.setattr(parse_module, "check_recipe", both)
 
 
 @pytest.mark.parametrize(

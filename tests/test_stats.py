@@ -23,7 +23,7 @@ from mergekit_evolver.stats.collect import (
     token_batches,
 )
 from tiny_models import make_model
-from toy_world import reverse_items, save_model, write_task
+from toy_world import reverse_items, write_task
 
 TEXTS = [
     "rev:abcd=dcba",
@@ -38,8 +38,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    path = save_model(tmp_path_factory.mktemp("toy") / "m", seed=5)
+def toy(shared_world):
+    # The dir is only read; --out always points under the test's tmp_path.
+    path = shared_world.models[0]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return path, model, tokenizer

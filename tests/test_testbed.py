@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from testbed_fixture import tiny_testbed  # noqa: F401  (a fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from mergekit_evolver.testbed import (

@@ -12,11 +12,14 @@ import contextlib
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
+
+from mergekit_evolver.ledger.types import Candidate, Role, Status
 
 LEDGER_FILE = "ledger.sqlite"
+GENERATIONS_LOG = "generations.jsonl"
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -55,31 +58,6 @@ CREATE TABLE IF NOT EXISTS generations (
     stats TEXT NOT NULL
 );
 """
-
-
-@dataclass
-class Candidate:
-    """One row of the ledger: a recipe that was merged and (maybe) scored."""
-
-    step: str
-    generation: int
-    role: str  # member | offspring | baseline | final
-    status: str  # accepted | rejected | invalid | scored
-    slot: Optional[int] = None
-    recipe: Optional[str] = None
-    parents: list[str] = field(default_factory=list)
-    operator: Optional[str] = None
-    F: Optional[float] = None
-    CR: Optional[float] = None
-    seed: Optional[int] = None
-    content_hash: Optional[str] = None
-    fitness: Optional[float] = None
-    dev: dict[str, Any] = field(default_factory=dict)
-    test: dict[str, Any] = field(default_factory=dict)
-    member: Optional[str] = None
-    merge_s: Optional[float] = None
-    eval_s: Optional[float] = None
-    note: Optional[str] = None
 
 
 _JSON_FIELDS = ("parents", "dev", "test")
@@ -122,6 +100,7 @@ class Ledger:
     # -- candidates ---------------------------------------------------------
     def record(self, candidate: Candidate) -> None:
         row = asdict(candidate)
+        row["role"], row["status"] = Role(row["role"]).value, Status(row["status"]).value
         for key in _JSON_FIELDS:
             row[key] = json.dumps(row[key], sort_keys=True)
         row["created"] = time.time()
@@ -150,6 +129,7 @@ class Ledger:
             row = dict(zip(names, values))
             for key in _JSON_FIELDS:
                 row[key] = json.loads(row[key]) if row[key] else ([] if key == "parents" else {})
+            row["role"], row["status"] = Role(row["role"]), Status(row["status"])
             yield Candidate(**row)
 
     # -- fitness cache ------------------------------------------------------
@@ -168,10 +148,16 @@ class Ledger:
 
     # -- generations --------------------------------------------------------
     def record_generation(self, generation: int, stats: dict) -> None:
+        """Record a generation's row, and rewrite generations.jsonl from every
+        row (so a resume never duplicates or loses a line), atomically."""
         self.db.execute(
             "INSERT OR REPLACE INTO generations(generation, stats) VALUES(?, ?)",
             (generation, json.dumps(stats, sort_keys=True)),
         )
+        path = self.path.parent / GENERATIONS_LOG
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(g) + "\n" for g in self.generations()), encoding="utf-8")
+        tmp.replace(path)
 
     def generations(self) -> list[dict]:
         rows = self.db.execute("SELECT generation, stats FROM generations ORDER BY generation")

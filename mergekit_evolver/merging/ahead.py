@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 from mergekit.options import MergeOptions
 
-StateDict = dict[str, torch.Tensor]
+from mergekit_evolver.population.store import StateDict
+
 READY = "ready"
 
 

@@ -7,11 +7,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 import transformers
-import yaml
 from mergekit.architecture import get_architecture_info
-from mergekit.config import InputModelDefinition, MergeConfiguration
+from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor
 from mergekit.io.tasks import LoaderCache, ReturnTensor
 from mergekit.merge import _model_out_config, run_merge
@@ -19,57 +17,27 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
 import mergekit_evolver  # noqa: F401  (the plugin's methods must be registered)
-from mergekit_evolver.errors import UserError
-from mergekit_evolver.methods.de import check_recipe
+from mergekit_evolver.population.store import StateDict, read_json, require_safetensors
+from mergekit_evolver.recipes.parse import recipe_yaml
 from mergekit_evolver.rng import keep_global_rng
-from mergekit_evolver.stats.store import check_stats_recipe
-
-StateDict = dict[str, torch.Tensor]
 
 
-def load_merge_config(path: str | os.PathLike) -> tuple[MergeConfiguration, str]:
-    """Read and validate a mergekit YAML; returns the config and its source text."""
-    source = Path(path).read_text(encoding="utf-8")
-    return parse_merge_config(yaml.safe_load(source), where=str(path)), source
 
-
-def parse_merge_config(data: object, where: str = "merge config") -> MergeConfiguration:
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: a merge config must be a YAML mapping")
-    _check_known_keys(data)
-    config = MergeConfiguration.model_validate(data)
-    _check_local_models(config)
-    check_recipe(config)
-    check_stats_recipe(config)
-    return config
-
-
-def _check_known_keys(data: dict) -> None:
-    """mergekit ignores unknown keys, so a typo such as `paramters:` would
-    silently merge with defaults; refuse it instead."""
-    _refuse_unknown(data, MergeConfiguration, "merge config")
-    for i, entry in enumerate(data.get("models") or []):
-        if isinstance(entry, dict):
-            _refuse_unknown(entry, InputModelDefinition, f"models[{i}]")
-
-
-def _refuse_unknown(data: dict, model: type, where: str) -> None:
-    unknown = sorted(set(data) - set(model.model_fields))
-    if unknown:
-        raise UserError(
-            f"unknown key(s) in {where}: {', '.join(map(str, unknown))} "
-            f"(known: {', '.join(model.model_fields)})"
-        )
-
-
-def _check_local_models(config: MergeConfiguration) -> None:
-    """A path-like model reference that names no directory is a typo, not a
-    hub id; say so before mergekit tries the hub with it."""
+def _check_model_files(config: MergeConfiguration) -> None:
+    """Every local model (and LoRA) dir the merge reads: weights that are
+    safetensors with sound headers, and a config.json that parses. mergekit
+    would unpickle a pytorch_model.bin, and trace back on a cut-short file or
+    broken JSON. Not part of parsing: a search parses a recipe per candidate,
+    over dirs it has checked already."""
     for model in config.referenced_models():
-        path = model.model.path
-        looks_local = path.startswith((".", "/", "~")) or os.sep + os.sep in path
-        if looks_local and not os.path.isdir(os.path.expanduser(path)):
-            raise UserError(f"model path not found: {path}")
+        for part in (model.model, model.lora):
+            local = os.path.expanduser(part.path) if part is not None else ""
+            if not os.path.isdir(local):
+                continue  # a hub id: the index reader's guard covers its download
+            # missing_ok: a dir with no weights at all keeps mergekit's own error.
+            require_safetensors(local, missing_ok=True)
+            if os.path.isfile(os.path.join(local, "config.json")):
+                read_json(Path(local) / "config.json")
 
 
 def merge_to_disk(
@@ -79,10 +47,39 @@ def merge_to_disk(
     config_source: Optional[str] = None,
 ) -> None:
     """Exactly what mergekit-yaml does, with the plugin's methods registered.
-    mergekit's planner rewrites the config it is given, so it gets a copy."""
+    mergekit's planner rewrites the config it is given, so it gets a copy.
+    The config written beside the model is recipe_yaml's: mergekit's own
+    to_yaml fails on a model path with a space."""
+    _check_model_files(config)
     run_merge(
-        config.model_copy(deep=True), str(out_path), options=options, config_source=config_source
+        config.model_copy(deep=True),
+        str(out_path),
+        options=options,
+        config_source=config_source or recipe_yaml(config),
     )
+
+
+def _guard_index_reader() -> None:
+    """mergekit's ShardedTensorIndex.from_disk torch.loads a pytorch_model.bin
+    to list its tensors. merge_to_disk checks local dirs up front; this
+    covers the dirs it cannot see beforehand (hub snapshots mergekit
+    downloads), in every process that merges through this module."""
+    from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+
+    read = ShardedTensorIndex.from_disk.__func__
+    if getattr(read, "_guarded", False):
+        return
+
+    def from_disk(cls, base_path: str) -> ShardedTensorIndex:
+        # missing_ok: a dir with no weights keeps mergekit's own error.
+        require_safetensors(base_path, missing_ok=True)
+        return read(cls, base_path)
+
+    from_disk._guarded = True
+    ShardedTensorIndex.from_disk = classmethod(from_disk)
+
+
+_guard_index_reader()
 
 
 def _cache_model_configs() -> None:
@@ -153,7 +150,3 @@ def _merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> State
     ]
     executor = Executor(targets, math_device=options.device or "cpu", storage_device="cpu")
     return {task.weight_info.name: value for task, value in executor.run(quiet=True)}
-
-
-def recipe_yaml(config: MergeConfiguration) -> str:
-    return config.to_yaml()

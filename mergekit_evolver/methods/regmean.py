@@ -44,7 +44,9 @@ No base_model; at least 2 models. Example:
     dtype: float32
 
 `check_stats_recipe` (mergekit_evolver.stats.store) checks a recipe's statistics
-before merging; STATS_METHODS holds both methods for registration.
+before merging; STATS_METHODS holds both methods for registration, and
+STATS_METHOD_NAMES their names for code that must know a recipe needs statistics
+(run configs, recipe builders) without holding the method objects.
 """
 
 from __future__ import annotations
@@ -154,5 +156,6 @@ def regmean_kernel(
 
 REGMEAN = regmean_kernel
 STATS_METHODS: tuple[MergeMethod, ...] = (REGMEAN, FISHER)
+STATS_METHOD_NAMES: tuple[str, ...] = tuple(m.spec.name for m in STATS_METHODS)
 
-__all__ = ["REGMEAN", "STATS_METHODS", "check_stats_recipe", "regmean_merge", "shrink"]
+__all__ = ["REGMEAN", "STATS_METHODS", "STATS_METHOD_NAMES", "check_stats_recipe", "regmean_merge", "shrink"]

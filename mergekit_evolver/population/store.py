@@ -16,7 +16,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Optional
 
 import torch
 from mergekit.common import ModelReference
@@ -24,7 +24,10 @@ from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex,
 from mergekit.io.tasks import LoaderCache
 from safetensors.torch import save_file
 
-StateDict = Mapping[str, torch.Tensor]
+from mergekit_evolver.errors import UserError
+
+# A model's weights by tensor name: the one spelling, used across the package.
+StateDict = dict[str, torch.Tensor]
 
 # Files that travel with the weights so an individual is a complete HF model.
 _SIDE_FILES = (
@@ -87,11 +90,75 @@ _SAFETENSORS_DTYPES = {
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries and where its data starts; a file
+    that cannot be a whole safetensors file (cut short, or not one at all) is
+    a UserError naming it, before any reader maps it."""
+    path = Path(path)
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
+        total = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        try:
+            (size,) = struct.unpack("<Q", prefix)
+            if size > total - 8:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(f.read(size))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            header.pop("__metadata__", None)
+            end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError):
+            raise UserError(f"{path}: not a valid safetensors file (truncated or corrupt)") from None
+    # The format has no slack: the data ends where the file does.
+    if 8 + size + end != total:
+        raise UserError(f"{path}: not a valid safetensors file (truncated or corrupt)")
     return header, 8 + size
+
+
+_NEVER_UNPICKLED = "convert it to safetensors first — pickled weights are never loaded"
+# Files mergekit and transformers fall back to when a dir has neither
+# model.safetensors nor its index: their presence means a pickle would be read.
+_PICKLE_FALLBACKS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin.index.json")
+
+
+def require_safetensors(model_dir: str | os.PathLike, *, missing_ok: bool = False) -> list[Path]:
+    """The safetensors files a loader reads for this model dir, with sound
+    headers; a UserError naming the dir when its weights would have to be
+    unpickled. Only file names, the index and safetensors headers are read:
+    nothing that could be a pickle is opened.
+
+    A pickle beside model.safetensors (or its index) is allowed: every loader
+    takes the safetensors first. `missing_ok` returns [] for a dir with no
+    weights at all, leaving that error to the caller."""
+    return list(_checked_weights(Path(model_dir), missing_ok))
+
+
+def _checked_weights(model_dir: Path, missing_ok: bool = False) -> dict[Path, tuple[dict, int]]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no weight_map in this safetensors index")
+        shards = sorted({str(name) for name in weight_map.values()})
+        pickled = [name for name in shards if not name.endswith(".safetensors")]
+        if pickled:
+            raise UserError(
+                f"{model_dir}: its safetensors index names other weights ({', '.join(pickled[:3])}); {_NEVER_UNPICKLED}"
+            )
+        files = [model_dir / name for name in shards]
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        names = sorted(p.name for p in model_dir.iterdir() if p.is_file()) if model_dir.is_dir() else []
+        files = [model_dir / n for n in names if n.endswith(".safetensors")]
+        if not files or any(n in _PICKLE_FALLBACKS for n in names):
+            others = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+            if others:
+                raise UserError(f"{model_dir}: no safetensors weights (found {', '.join(others[:3])}); {_NEVER_UNPICKLED}")
+            if missing_ok:
+                return {}
+            raise UserError(f"{model_dir}: no safetensors weights found")
+    return {file: _safetensors_header(file) for file in files}
 
 
 class _OwnLoader(LazyTensorLoader):
@@ -129,16 +196,21 @@ class FileLoader(_OwnLoader):
     the graph holds, whatever the population size."""
 
     def __init__(self, model_dir: Path):
-        index = ShardedTensorIndex.from_disk(str(model_dir))
-        if not index.is_safetensors:
-            raise ValueError(f"{model_dir}: only safetensors weights are read (never pickles)")
-        super().__init__(index, lazy_unpickle=False)
+        # Built from the checked headers, not mergekit's from_disk, which
+        # torch.loads a pytorch_model.bin it finds first.
         self._entries: dict[str, tuple[Path, int, dict]] = {}
-        for shard in {index.tensor_paths[k] for k in index.tensor_paths}:
-            path = Path(index.base_path) / shard
-            header, start = _safetensors_header(path)
+        contents: dict[str, list[str]] = {}
+        for path, (header, start) in _checked_weights(Path(model_dir)).items():
+            contents[path.name] = list(header)
             for name, entry in header.items():
                 self._entries[name] = (path, start, entry)
+        index = ShardedTensorIndex(
+            base_path=str(model_dir),
+            is_safetensors=True,
+            tensor_paths={name: path.name for name, (path, _, _) in self._entries.items()},
+            shards=[ShardInfo(filename=f, contained_keys=keys) for f, keys in contents.items()],
+        )
+        super().__init__(index, lazy_unpickle=False)
 
     def _lookup(self, name: str) -> Optional[torch.Tensor]:
         return self._read(*self._entries[name]) if name in self._entries else None
@@ -208,7 +280,15 @@ class MemorySlot:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file's content; one that does not parse is a UserError naming it."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
 
 
 def safetensors_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[int, ...]]:
@@ -222,10 +302,10 @@ def safetensors_shapes(files: Iterable[str | os.PathLike]) -> dict[str, tuple[in
 
 def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a model dir's tensors, without reading weights."""
-    shards = sorted(Path(model_dir).glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
-    return safetensors_shapes(shards)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for header, _ in _checked_weights(Path(model_dir)).values():
+        shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()})
+    return shapes
 
 
 def architecture(model_dir: Path) -> str:
@@ -238,6 +318,6 @@ def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+    for shard in require_safetensors(model_dir):
         state.update(load_file(str(shard)))
     return state

@@ -1,6 +1,9 @@
 """Candidates as mergekit recipes: DE offspring, population mergers, baselines.
 
-Every candidate a run scores is one of these configs, merged by merge.py.
+Every candidate a run scores is one of these configs, merged by merging/merge.py.
+The `*_data` builders are pure: they return mergekit config data over model
+references, which search strategies use with member references ("@m0"); the
+others parse the same data into a checked MergeConfiguration over paths.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from typing import Any, Optional, Sequence
 
 from mergekit.config import MergeConfiguration
 
-from mergekit_evolver.config import STATS_METHODS
-from mergekit_evolver.merging.merge import parse_merge_config
+from mergekit_evolver.recipes.parse import parse_merge_config
+from mergekit_evolver.methods.regmean import STATS_METHOD_NAMES
 
 MERGE_DTYPE = "float32"
 
@@ -33,7 +36,7 @@ BASELINES: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "regmean": ("regmean", [{"alpha": a} for a in (0.5, 0.9)]),
     "fisher": ("fisher", [{}]),
 }
-NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties"}
+BASELINES_NEED_BASE = {"task_arithmetic", "ties", "dare_ties"}
 
 
 def takes_base(method: str) -> bool:
@@ -57,6 +60,28 @@ def _alias(path: str, taken: set[str]) -> str:
     return path
 
 
+def de_recipe_data(
+    operator: str,
+    target: str,
+    donors: Sequence[str],
+    parameters: dict[str, Any],
+    reference: Optional[str] = None,
+) -> dict[str, Any]:
+    """A DE offspring of target; `reference` is the task-vector space's base."""
+    taken: set[str] = set()
+    base = _alias(str(target), taken)
+    models = [{"model": _alias(str(d), taken)} for d in donors]
+    if reference is not None:
+        models.append({"model": _alias(str(reference), taken), "parameters": {"reference": True}})
+    return {
+        "merge_method": operator,
+        "base_model": base,
+        "models": models,
+        "parameters": dict(parameters),
+        "dtype": MERGE_DTYPE,
+    }
+
+
 def de_recipe(
     operator: str,
     target: Path,
@@ -64,22 +89,28 @@ def de_recipe(
     parameters: dict[str, Any],
     reference: Optional[str] = None,
 ) -> MergeConfiguration:
-    """A DE offspring of target; `reference` is the task-vector space's base."""
-    taken: set[str] = set()
-    base = _alias(str(target), taken)
-    models = [{"model": _alias(str(d), taken)} for d in donors]
-    if reference is not None:
-        models.append({"model": _alias(str(reference), taken), "parameters": {"reference": True}})
-    return parse_merge_config(
-        {
-            "merge_method": operator,
-            "base_model": base,
-            "models": models,
-            "parameters": dict(parameters),
-            "dtype": MERGE_DTYPE,
-        },
-        where=f"{operator} recipe",
-    )
+    data = de_recipe_data(operator, str(target), [str(d) for d in donors], parameters, reference)
+    return parse_merge_config(data, where=f"{operator} recipe")
+
+
+def population_recipe_data(
+    template: dict[str, Any],
+    members: Sequence[str],
+    base_model: Optional[str],
+    stats: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
+    """A mergekit config over the given members; `template` supplies the method
+    and its parameters, and may name a base_model (else the population's).
+    Statistics-based methods get `stats[i]` as member i's statistics."""
+    data = dict(template)
+    data["models"] = [{"model": str(m)} for m in members]
+    if stats is not None and data.get("merge_method") in STATS_METHOD_NAMES:
+        for entry, stat in zip(data["models"], stats):
+            entry["parameters"] = {"stats": str(stat)}
+    if base_model and "base_model" not in data and takes_base(str(data.get("merge_method"))):
+        data["base_model"] = base_model
+    data.setdefault("dtype", MERGE_DTYPE)
+    return data
 
 
 def population_recipe(
@@ -89,17 +120,7 @@ def population_recipe(
     where: str,
     stats: Optional[Sequence[str]] = None,
 ) -> MergeConfiguration:
-    """A mergekit config over the given members; `template` supplies the method
-    and its parameters, and may name a base_model (else the population's).
-    Statistics-based methods get `stats[i]` as member i's statistics."""
-    data = dict(template)
-    data["models"] = [{"model": str(m)} for m in members]
-    if stats is not None and data.get("merge_method") in STATS_METHODS:
-        for entry, stat in zip(data["models"], stats):
-            entry["parameters"] = {"stats": str(stat)}
-    if base_model and "base_model" not in data and takes_base(str(data.get("merge_method"))):
-        data["base_model"] = base_model
-    data.setdefault("dtype", MERGE_DTYPE)
+    data = population_recipe_data(template, [str(m) for m in members], base_model, stats)
     return parse_merge_config(data, where=where)
 
 
@@ -117,13 +138,12 @@ def base_is_a_member(method: str) -> bool:
     return contract.base == BasePolicy.REQUIRED and contract.max_inputs == 2
 
 
-def pair_recipe(
+def pair_recipe_data(
     template: dict[str, Any],
-    fitter: Path,
-    other: Path,
+    fitter: str,
+    other: str,
     base_model: Optional[str],
-    where: str,
-) -> MergeConfiguration:
+) -> dict[str, Any]:
     """A mergekit config over two members (kinship greedy merging), `fitter`
     first. A slerp-like method (`base_is_a_member`) takes `fitter` as its
     base_model, so t interpolates from it towards `other`; any other method
@@ -134,8 +154,14 @@ def pair_recipe(
         data["base_model"] = str(fitter)
         data["models"] = [{"model": str(fitter)}, {"model": str(other)}]
         data.setdefault("dtype", MERGE_DTYPE)
-        return parse_merge_config(data, where=where)
-    return population_recipe(template, [fitter, other], base_model, where=where)
+        return data
+    return population_recipe_data(template, [fitter, other], base_model)
+
+
+def pair_recipe(
+    template: dict[str, Any], fitter: Path, other: Path, base_model: Optional[str], where: str
+) -> MergeConfiguration:
+    return parse_merge_config(pair_recipe_data(template, str(fitter), str(other), base_model), where=where)
 
 
 def baseline_recipes(

@@ -37,6 +37,7 @@ def from_mergekit_evolve(data: dict, where: str, allow_benchmarks: bool = False)
     """The run config a mergekit-evolve config stands for."""
     from mergekit.evo.config import EvolMergeConfiguration, check_for_naughty_config
 
+    _check_known_keys(data, where)
     try:
         source = EvolMergeConfiguration.model_validate(data)
     except (ValidationError, AssertionError) as e:
@@ -85,6 +86,23 @@ def from_mergekit_evolve(data: dict, where: str, allow_benchmarks: bool = False)
         "search": search,
         "fitness": fitness,
     }
+
+
+def _check_known_keys(data: dict, where: str) -> None:
+    """mergekit's EvolMergeConfiguration drops unknown keys, so a typo such
+    as `layer_granulrity:` would search with the default; refuse it instead."""
+    from mergekit.evo.config import EvolMergeConfiguration, TaskConfiguration
+    from mergekit.evo.genome import ModelGenomeDefinition
+
+    from mergekit_evolver.recipes.parse import refuse_unknown
+
+    refuse_unknown(data, EvolMergeConfiguration, where)
+    if isinstance(data.get("genome"), dict):
+        refuse_unknown(data["genome"], ModelGenomeDefinition, f"genome of {where}")
+    tasks = data.get("tasks")
+    for i, task in enumerate(tasks if isinstance(tasks, list) else []):
+        if isinstance(task, dict):
+            refuse_unknown(task, TaskConfiguration, f"tasks[{i}] of {where}")
 
 
 def apply_evolve_flags(config: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ the box is a valid recipe:
   softmax share of the second. Over exactly two models t itself is searched,
   per group and per filter.
 
-This module builds plain dicts and does no I/O; merge.parse_merge_config turns
+This module builds plain dicts and does no I/O; recipes.parse.parse_merge_config turns
 them into checked MergeConfigurations.
 """
 
@@ -48,9 +48,9 @@ METHOD_PARAMETERS: dict[str, tuple[str, ...]] = {
     "slerp": ("t",),
 }
 # Methods whose deltas are taken from a base model.
-NEEDS_BASE = frozenset(METHOD_PARAMETERS) - {"linear", "slerp"}
+METHODS_WITH_BASE = frozenset(METHOD_PARAMETERS) - {"linear", "slerp"}
 # mergekit's generalized task arithmetic family (they take normalize, int8_mask).
-_TASK_ARITHMETIC_FAMILY = NEEDS_BASE
+_TASK_ARITHMETIC_FAMILY = METHODS_WITH_BASE
 # The box of each parameter, before a user's `bounds` override.
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "weight": (0.0, 1.0),
@@ -91,7 +91,7 @@ class RecipeGenome:
             raise GenomeError(
                 f"merge_method {method!r} cannot be searched; choose one of {', '.join(METHOD_PARAMETERS)}"
             )
-        if method in NEEDS_BASE and not self.base_model:
+        if method in METHODS_WITH_BASE and not self.base_model:
             raise GenomeError(f"{method} needs a base_model")
         if len(self.models) < 2:
             raise GenomeError("a recipe search needs at least two models")
@@ -120,7 +120,7 @@ class RecipeGenome:
     @property
     def _base(self) -> Optional[str]:
         """The common ancestor deltas are taken from; linear and slerp have none."""
-        return self.base_model if self.merge_method in NEEDS_BASE else None
+        return self.base_model if self.merge_method in METHODS_WITH_BASE else None
 
     @property
     def _pairwise(self) -> bool:

@@ -14,7 +14,7 @@ import os
 import yaml
 from mergekit.config import MergeConfiguration
 
-from mergekit_evolver.ledger.store import Ledger
+from mergekit_evolver.ledger import Ledger
 
 LINEAGE_DIR = "lineage"
 

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from mergekit_evolver.config import TaskSpec
 from mergekit_evolver.scoring.lmeval import metric_name
-from mergekit_evolver.ledger.store import Candidate, Ledger
+from mergekit_evolver.ledger import Candidate, Ledger
 
 REPORT_DIR = "report"
 
@@ -69,7 +69,7 @@ def save_plots(run_dir: Path, ledger: Ledger, specs: Sequence[TaskSpec]) -> list
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [g["generation"] for g in gens]
         for key in ("best", "mean", "min"):
-            ax.plot(xs, [g[key] for g in gens], marker="o", label=key)
+            ax.plot(xs, [g.get(key) for g in gens], marker="o", label=key)
         if any(g.get("merged") is not None for g in gens):
             ax.plot(xs, [g.get("merged") for g in gens], marker="s", label="merged population")
         from matplotlib.ticker import MaxNLocator
@@ -163,7 +163,7 @@ Run config:
 def report_from_run_dir(run_dir: Path) -> str:
     from mergekit_evolver.config import EvolveConfig
     from mergekit_evolver.errors import UserError
-    from mergekit_evolver.ledger.store import LEDGER_FILE
+    from mergekit_evolver.ledger import LEDGER_FILE
     import yaml
 
     run_dir = Path(run_dir)

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 from mergekit_evolver.rng import keep_global_rng
 
@@ -42,6 +43,7 @@ __all__ = [
     "task_manager",
     "resolve_task_manager",
     "forget_task_manager",
+    "unreadable_task_files",
 ]
 
 _CACHE: dict[tuple[tuple[str, ...], bool], object] = {}
@@ -109,8 +111,46 @@ def resolve_task_manager(
     if missing:
         where = f"include_path {list(_paths(include_path))}" if include_path else "no include_path"
         scope = " and lm-eval's built-in tasks" if include_defaults else ""
-        raise ValueError(f"unknown lm-eval task(s) {missing}: not found in {where}{scope}")
+        broken = unreadable_task_files(include_path)
+        why = ""
+        if broken:
+            shown = "; ".join(f"{path}: {error}" for path, error in broken[:3])
+            more = f" (and {len(broken) - 3} more)" if len(broken) > 3 else ""
+            why = f"; lm-eval skipped task file(s) it could not read: {shown}{more}"
+        raise ValueError(f"unknown lm-eval task(s) {missing}: not found in {where}{scope}{why}")
     return tm
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads any tag (lm-eval's `!function` and the like) as
+    None: only whether a file parses is asked, and nothing is imported or run."""
+
+
+_TaskYamlLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def unreadable_task_files(include_path: IncludePath) -> list[tuple[str, str]]:
+    """(file, one-line reason) for every task YAML under `include_path` that is
+    not a YAML mapping. lm-eval's task index skips such a file silently
+    (logged at debug level), so the task in it is reported as unknown."""
+    from mergekit_evolver.errors import one_line
+
+    broken = []
+    for root in _paths(include_path, must_exist=False):
+        # lm-eval's own walk: **/*.yaml, sorted, skipping cache dirs.
+        files = sorted(
+            (p for p in Path(root).glob("**/*.yaml") if not {"__pycache__", ".ipynb_checkpoints"} & set(p.parts)),
+            key=lambda p: p.as_posix(),
+        )
+        for file in files:
+            try:
+                data = yaml.load(file.read_bytes(), Loader=_TaskYamlLoader)  # noqa: S506 (a SafeLoader)
+            except (yaml.YAMLError, OSError) as error:
+                broken.append((str(file), one_line(error)))
+                continue
+            if not isinstance(data, dict):
+                broken.append((str(file), "not a YAML mapping"))
+    return broken
 
 
 def _missing(tm, tasks: Sequence[str]) -> list[str]:

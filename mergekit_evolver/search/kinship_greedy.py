@@ -30,13 +30,10 @@ of the inputs alone. An invalid child (fitness None or NaN, e.g. non-finite
 weights) counts against the budget and is never kept. Pairs are unordered:
 a pair merged once is never proposed again, so nothing counts twice.
 
-Protocol, all on the caller's side (greedy.py):
-    while not s.done:
-        if need := s.kinship_needed(): s.add_kinship(<kinship of those pairs>)
-        elif s.round_over:             summary = s.end_round()   # record it
-        else: p = s.ask(); fitness = <merge p.base with p.other, score>;
-              s.tell(p, fitness)       # s.accepts(p, fitness) beforehand says
-                                       # whether the child would be kept now
+It speaks search/protocol.py's protocol: kinship is asked for with needs()
+before the call that uses it (end_generation, or the ask of an exploration
+round), and each round ends with an explicit end_generation(). The finer steps
+(kinship_needed, add_kinship, round_over, end_round, accepts) are its own.
 Kinship values, once added, are never overwritten, so a caller that computes
 them deterministically gets a deterministic search.
 """
@@ -46,7 +43,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+from mergekit_evolver.recipes.candidates import pair_recipe_data
+from mergekit_evolver.search.protocol import GenerationEnd, KinshipRequest, Outcome, Proposal, Result, Start, member_ref
 
 Pair = tuple[str, str]
 
@@ -60,14 +60,15 @@ def _valid(fitness: Optional[float]) -> bool:
 
 
 @dataclass(frozen=True)
-class Proposal:
-    step: str  # ledger key: greedy/r001/p03, greedy/r004/explore
-    round: int
-    index: int
-    kind: str  # "pair" | "explore"
-    base: str  # the fitter parent (slerp's base_model)
-    other: str
-    child: str  # the child's member id: r001_p03, r004_explore
+class PairProposal(Proposal):
+    """A child of two members; step is its ledger key (greedy/r001/p03,
+    greedy/r004/explore) and child its member id (r001_p03, r004_explore)."""
+
+    round: int = 0
+    index: int = 0
+    kind: str = "pair"  # "pair" | "explore"
+    base: str = ""  # the fitter parent (slerp's base_model)
+    other: str = ""
     kinship: Optional[float] = None  # explore: kinship of base and other
 
 
@@ -115,6 +116,9 @@ class KinshipGreedy:
         max_rounds: int,
         budget: Optional[int] = None,
         stop_kinship: Optional[float] = None,
+        metric: str = "pcc",
+        template: Optional[Mapping[str, Any]] = None,
+        base_model: Optional[str] = None,
     ):
         if len(members) != len(fitness):
             raise ValueError("one fitness per member")
@@ -129,6 +133,11 @@ class KinshipGreedy:
             raise ValueError(f"starting members without a fitness: {bad}")
         self.top_k = top_k
         self.max_rounds = max_rounds
+        self.metric = metric
+        # The pair recipe's method and parameters (slerp t=0.5 by default).
+        self.template = dict(template or {"merge_method": "slerp", "parameters": {"t": 0.5}})
+        self.base_model = base_model
+        self.expected = budget
         self.budget = budget
         self.stop_kinship = stop_kinship
         self.fitness: dict[str, float] = dict(zip(members, fitness))
@@ -143,7 +152,7 @@ class KinshipGreedy:
         # The round in progress (round 0, the start, is over before it begins).
         self.round = 0
         self.kind = "start"
-        self._queue: list[Proposal] = []
+        self._queue: list[PairProposal] = []
         self._next = 0  # proposals asked
         self._told = 0
         self._best_before = self.fitness[self.population[0]]
@@ -209,7 +218,7 @@ class KinshipGreedy:
     def _remaining(self) -> Optional[int]:
         return None if self.budget is None else self.budget - self.used
 
-    def _plan_pairs(self) -> list[Proposal]:
+    def _plan_pairs(self) -> list[PairProposal]:
         r = self.round
         pairs = [
             (a, b) for a, b in combinations(self.population, 2) if pair_key(a, b) not in self.merged
@@ -217,15 +226,22 @@ class KinshipGreedy:
         left = self._remaining()
         if left is not None:
             pairs = pairs[:left]
-        return [
-            Proposal(
-                step=f"greedy/r{r:03d}/p{i:02d}", round=r, index=i, kind="pair",
-                base=a, other=b, child=f"r{r:03d}_p{i:02d}",
-            )
-            for i, (a, b) in enumerate(pairs)
-        ]
+        return [self._child(f"greedy/r{r:03d}/p{i:02d}", r, i, "pair", a, b, f"r{r:03d}_p{i:02d}") for i, (a, b) in enumerate(pairs)]
 
-    def _plan_explore(self) -> Proposal:
+    def _child(
+        self, step: str, r: int, i: int, kind: str, base: str, other: str, child: str,
+        kinship: Optional[float] = None,
+    ) -> PairProposal:
+        method = self.template.get("merge_method")
+        note = None if kinship is None else f"explore: kinship {kinship:.4f} ({self.metric}) to the best"
+        return PairProposal(
+            step=step, generation=r, slot=i, parents=(base, other), child=child, like=base,
+            recipe=pair_recipe_data(self.template, member_ref(base), member_ref(other), self.base_model),
+            operator=method, note=note, round=r, index=i, kind=kind, base=base, other=other,
+            kinship=kinship,
+        )
+
+    def _plan_explore(self) -> PairProposal:
         best, r = self.best, self.round
 
         def order(c: str) -> tuple[bool, float, int]:
@@ -234,9 +250,8 @@ class KinshipGreedy:
             return (math.isnan(k), 0.0 if math.isnan(k) else k, self.born[c])
 
         partner = min(self.explore_partners(), key=order)
-        return Proposal(
-            step=f"greedy/r{r:03d}/explore", round=r, index=0, kind="explore",
-            base=best, other=partner, child=f"r{r:03d}_explore",
+        return self._child(
+            f"greedy/r{r:03d}/explore", r, 0, "explore", best, partner, f"r{r:03d}_explore",
             kinship=self.kinship[pair_key(best, partner)],
         )
 
@@ -265,9 +280,10 @@ class KinshipGreedy:
         # A child is born after everyone, so a tie with the k-th goes against it.
         return fitness > self.fitness[worst]
 
-    def tell(self, proposal: Proposal, fitness: Optional[float]) -> bool:
+    def tell(self, proposal: Proposal, result: Result) -> bool:
         """Learn a child's dev fitness (None: invalid). Returns whether it
         entered the top k at this point of the round."""
+        fitness = result.fitness
         if self._told >= self._next or self._queue[self._told] != proposal:
             # Proposals are told in the order they were asked.
             raise ValueError(f"told {proposal.step} out of order")
@@ -348,3 +364,42 @@ class KinshipGreedy:
             # Cannot happen after round 0 or an improvement (a new best brings
             # new pairs), nor with budget left; kept as a guard, not a hang.
             self.stopped = "no pair left to merge"
+
+    # -- the search protocol ------------------------------------------------
+    def needs(self) -> Optional[KinshipRequest]:
+        """Kinship among the members the due pairs name, in birth order, so the
+        same request is always spelled alike."""
+        pairs = self.kinship_needed()
+        if not pairs:
+            return None
+        ids = sorted({m for pair in pairs for m in pair}, key=lambda m: self.born[m])
+        return KinshipRequest(tuple((a, b) for i, a in enumerate(ids) for b in ids[i + 1:]), self.metric)
+
+    def give(self, request: KinshipRequest, answer: Mapping[tuple[str, str], float]) -> None:
+        self.add_kinship(answer)
+
+    def end_generation(self) -> GenerationEnd:
+        summary = self.end_round()
+        kinship = "-" if summary.kinship is None else f"{summary.kinship:.4f}"
+        stats = summary.stats()
+        line = (
+            f"greedy round {summary.round} ({summary.kind}): best {stats['best']:.4f} "
+            f"mean {stats['mean']:.4f} min {stats['min']:.4f}, kept {summary.kept}/{summary.evaluated}, "
+            f"kinship {kinship}"
+        )
+        if summary.stopped:
+            line += f"; stop: {summary.stopped}"
+        return GenerationEnd(summary.round, stats, line, dropped=summary.displaced)
+
+    def result(self) -> Outcome:
+        return Outcome(tuple(self.population), tuple(self.fitness[m] for m in self.population))
+
+
+def from_config(start: Start) -> KinshipGreedy:
+    c = start.config
+    g = c.greedy
+    return KinshipGreedy(
+        start.members, start.fitness, top_k=g.top_k, max_rounds=g.max_rounds, budget=g.budget,
+        stop_kinship=g.stop_kinship, metric=g.metric, base_model=c.population.base_model,
+        template={"merge_method": g.merge_method, "parameters": dict(g.parameters)},
+    )

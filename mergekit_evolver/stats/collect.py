@@ -51,6 +51,7 @@ import click
 import torch
 
 from mergekit_evolver.errors import UserError, exits_cleanly
+from mergekit_evolver.population.store import require_safetensors
 from mergekit_evolver.stats.store import DTYPES, KINDS, check_out_dir, write_stats
 
 
@@ -373,6 +374,7 @@ def collect_to_dir(
     """Validate cheap things first, then load, collect and write."""
     if not Path(model_dir).is_dir() or not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"MODEL {model_dir} is not a model directory (no config.json)")
+    require_safetensors(model_dir)  # before from_pretrained, which would unpickle a pytorch_model.bin
     if max_examples is not None and max_examples < 1:
         raise UserError(f"--max-examples must be at least 1; got {max_examples}")
     if batch_size < 1:
@@ -398,7 +400,7 @@ def collect_to_dir(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as error:
         raise UserError(f"MODEL {model_dir}: no usable tokenizer ({' '.join(str(error).split())[:200]})") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(_device(device))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).to(_device(device))
     batches = token_batches(tokenizer, all_texts(), batch_size=batch_size, max_length=max_length, limit=max_examples)
     collected = collect_statistics(model, batches, kinds)
     if "fisher" in kinds and not collected.fisher_examples:

@@ -71,17 +71,20 @@ def model_path(model: Any) -> Optional[str]:
 
 
 def stats_dir_for(model: Any, explicit: Optional[str] = None) -> str:
-    """`explicit` if given, else `<model dir>/stats` (see the module docstring)."""
+    """`explicit` if given, else `<model dir>/stats` (see the module docstring).
+
+    Its StatsError does not name the model: every caller prefixes
+    "<method>: model <model>: " itself, as it does for open_stats' errors."""
     if explicit:
         return os.path.expanduser(explicit)
     path = model_path(model)
     if path is None:
-        raise StatsError(f"model {model}: no `stats:` parameter and no model path to default from")
+        raise StatsError("no `stats:` parameter and no model path to default from")
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
         raise StatsError(
-            f"model {model}: not a local directory, so its statistics have no default "
-            f"location; give them with the per-model parameter `stats: DIR`"
+            "not a local directory, so its statistics have no default "
+            "location; give them with the per-model parameter `stats: DIR`"
         )
     return os.path.join(path, DEFAULT_STATS_SUBDIR)
 

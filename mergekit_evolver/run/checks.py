@@ -1,0 +1,58 @@
+"""The checks at the door: everything a run needs is checked before its run
+dir is made, and these only look (nothing is created or changed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mergekit_evolver.errors import UserError
+from mergekit_evolver.ledger import LEDGER_FILE, Ledger
+from mergekit_evolver.population.store import architecture, tensor_shapes
+
+
+def check_models(config) -> None:
+    """Same architecture and tensor shapes everywhere, or one line saying where not."""
+    paths = list(config.population.models)
+    if config.population.base_model:
+        paths.append(config.population.base_model)
+    for path in paths:
+        if not Path(path).is_dir():
+            raise UserError(f"model path not found: {path}")
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"not a HF model dir (no config.json): {path}")
+    first = paths[0]
+    arch, shapes = architecture(Path(first)), tensor_shapes(Path(first))
+    for path in paths[1:]:
+        if architecture(Path(path)) != arch:
+            raise UserError(
+                f"models differ in architecture: {first} is {arch}, "
+                f"{path} is {architecture(Path(path))}"
+            )
+        other = tensor_shapes(Path(path))
+        if set(other) != set(shapes):
+            diff = sorted(set(other) ^ set(shapes))
+            raise UserError(f"models differ in tensors: {first} vs {path}: {diff[:3]}")
+        for name, shape in shapes.items():
+            if other[name] != shape:
+                raise UserError(
+                    f"models differ in tensor shape: {name} is {list(shape)} in {first} "
+                    f"but {list(other[name])} in {path}"
+                )
+
+
+def check_run_dir(run_dir: Path, config, resume: bool) -> None:
+    """A new run needs an empty or absent dir; a resume needs this run's dir."""
+    ledger = run_dir / LEDGER_FILE
+    if ledger.exists():
+        theirs = Ledger(run_dir)
+        digest = theirs.get_meta("config_digest")
+        theirs.close()
+        if digest != config.digest():
+            raise UserError(f"{run_dir} holds another run (its config differs); choose another --out")
+        if not resume:
+            raise UserError(f"{run_dir} already holds this run; pass --resume to continue it")
+        return
+    if resume:
+        raise UserError(f"nothing to resume: {run_dir} holds no run")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty and holds no run; choose another --out")

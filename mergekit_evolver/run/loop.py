@@ -1,0 +1,211 @@
+"""The one candidate loop: a strategy's proposal -> merge -> checks -> score ->
+tell -> write -> ledger, for every strategy. The loop owns every side effect
+(ledger rows, population files, log lines, progress bars); a strategy only
+proposes and learns (search/protocol.py).
+
+A proposal whose step is in the ledger is replayed: the strategy is told the
+recorded result, and the recipe it asked for must be the recorded one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from mergekit.config import MergeConfiguration
+from tqdm import tqdm
+
+from mergekit_evolver.kinship.metrics import pairwise_kinship
+from mergekit_evolver.ledger import Candidate, Role, Status
+from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
+from mergekit_evolver.population.store import write_individual
+from mergekit_evolver.run.context import Member, Run
+from mergekit_evolver.search.protocol import (
+    CANDIDATE,
+    MEMBER,
+    REJECTED,
+    KinshipRequest,
+    Outcome,
+    Proposal,
+    Result,
+    Strategy,
+)
+
+_REFERENCE_KEYS = ("model", "base_model")
+
+
+class CandidateLoop:
+    def __init__(self, run: Run, members: list[Member], *, generation_offset: int = 0):
+        self.run = run
+        self.paths: dict[str, Path] = {m.id: Path(m.path) for m in members}
+        # Generation numbers of a weight-space stage after a recipe search.
+        self.generation_offset = generation_offset
+        self._memo: dict[str, tuple[MergeConfiguration, str]] = {}
+
+    # -- the loop ---------------------------------------------------------------
+    def drive(self, strategy: Strategy) -> Outcome:
+        bar = tqdm(total=getattr(strategy, "expected", None), desc="candidates", unit="cand", leave=False)
+        started = time.perf_counter()
+        try:
+            while True:
+                request = strategy.needs()
+                if request is not None:
+                    strategy.give(request, self.kinship(request))
+                    continue
+                proposal = strategy.ask()
+                if proposal is not None:
+                    self.carry(strategy, proposal)
+                    bar.update(1)
+                elif strategy.done:
+                    break
+                else:
+                    self.end_generation(strategy, time.perf_counter() - started)
+                    started = time.perf_counter()
+        finally:
+            bar.close()
+        return strategy.result()
+
+    def carry(self, strategy: Strategy, proposal: Proposal) -> Candidate:
+        """One candidate, from the proposal to its ledger row."""
+        recipe, text = self.recipe(proposal.recipe, proposal.step)
+        ledger = self.run.ledger
+        row = ledger.find(proposal.step)
+        if row is not None:
+            if row.recipe != text:
+                raise RuntimeError(f"{proposal.step}: the ledger holds another recipe; the run cannot be replayed")
+            told = Result(None) if row.status == Status.INVALID else Result(row.fitness, row.dev)
+            accepted = strategy.tell(proposal, told)
+            if proposal.child is not None and accepted != (row.status == Status.ACCEPTED):
+                raise RuntimeError(f"{proposal.step}: the replayed decision differs from the ledger's")
+        else:
+            # One transaction (one fsync) for the row and the scores it cached.
+            with ledger.transaction():
+                row, accepted = self._compute(strategy, proposal, recipe, text)
+                ledger.record(row)
+        if accepted and proposal.child is not None:
+            self.paths[proposal.child] = Path(row.member)
+        return row
+
+    def _compute(
+        self, strategy: Strategy, proposal: Proposal, recipe: MergeConfiguration, text: str
+    ) -> tuple[Candidate, bool]:
+        run = self.run
+        base = dict(
+            step=proposal.step, generation=proposal.generation, slot=proposal.slot,
+            role=Role(proposal.role), recipe=text, parents=list(proposal.parents),
+            operator=proposal.operator, F=proposal.F, CR=proposal.CR, seed=proposal.seed,
+        )
+        start = time.perf_counter()
+        merged = run.executor.candidate(recipe, text)
+        merge_s = time.perf_counter() - start
+        self.expect_next(strategy, proposal)
+        if merged.non_finite is not None:
+            run.log(f"{proposal.step}: rejected, non-finite values in {merged.non_finite}")
+            strategy.tell(proposal, REJECTED)
+            note = f"non-finite: {merged.non_finite}"
+            return Candidate(**base, status=Status.INVALID, merge_s=merge_s, note=note), False
+        state, digest = merged.state, merged.content_hash
+        scored_state, scored_digest = state, digest
+        if proposal.score_in is not None:
+            ref = run.slot.serve(state)
+            start = time.perf_counter()
+            scored_state = run.merge(self.recipe(proposal.score_in, proposal.step, ref.model.path)[0])
+            merge_s += time.perf_counter() - start
+            run.slot.clear()
+            scored_digest = None
+        scored = run.score(scored_state, digest=scored_digest)
+        accepted = strategy.tell(proposal, Result(scored.fitness, scored.scores))
+        member = None
+        if accepted and proposal.child is not None:
+            dest = run.population_dir / proposal.child
+            member = str(write_individual(state, dest, like=self.paths[proposal.like]))
+        if proposal.child is None:
+            status = Status.SCORED
+        else:
+            status = Status.ACCEPTED if accepted else Status.REJECTED
+        row = Candidate(
+            **base, status=status, fitness=scored.fitness, dev=scored.scores, member=member,
+            merge_s=merge_s, eval_s=scored.seconds, note=proposal.note, content_hash=digest,
+        )
+        return row, accepted
+
+    def end_generation(self, strategy: Strategy, seconds: float) -> None:
+        end = strategy.end_generation()
+        for child in end.dropped:
+            shutil.rmtree(self.run.population_dir / child, ignore_errors=True)
+            self.paths.pop(child, None)
+        stats = {**end.stats, "seconds": round(seconds, 3)}
+        self.run.ledger.record_generation(self.generation_offset + end.generation, stats)
+        self.run.log(end.line)
+
+    def expect_next(self, strategy: Strategy, proposal: Proposal) -> None:
+        """Have the merge-ahead worker make the candidate after this one while
+        this one is scored: a copy of the strategy, told that this one was
+        rejected, says what it would ask next. A wrong guess is merged again
+        here; a guess that needs an input from the run is not made."""
+        if not self.run.executor.ahead_enabled:
+            return
+        after = copy.deepcopy(strategy)
+        after.tell(proposal, REJECTED)
+        upcoming = after.ask()
+        if upcoming is None:
+            if after.done or after.needs() is not None:
+                return
+            after.end_generation()
+            if after.done or after.needs() is not None:
+                return
+            upcoming = after.ask()
+        if upcoming is None or self.run.ledger.find(upcoming.step) is not None:
+            return
+        self.run.executor.expect(self.recipe(upcoming.recipe, upcoming.step)[1])
+
+    # -- what the loop gives a strategy -----------------------------------------
+    def recipe(
+        self, data: Mapping[str, Any], where: str, candidate: Optional[str] = None
+    ) -> tuple[MergeConfiguration, str]:
+        """A proposal's recipe over the members' dirs, parsed, and its YAML (the
+        last one is kept: a candidate merged ahead is built twice)."""
+        resolved = self._resolve(data, candidate)
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        if key not in self._memo:
+            if len(self._memo) > 4:
+                self._memo.clear()
+            recipe = parse_merge_config(resolved, where=where)
+            self._memo[key] = (recipe, recipe_yaml(recipe))
+        return self._memo[key]
+
+    def _resolve(self, data: Any, candidate: Optional[str], key: Optional[str] = None) -> Any:
+        if isinstance(data, Mapping):
+            return {k: self._resolve(v, candidate, k) for k, v in data.items()}
+        if isinstance(data, (list, tuple)):
+            return [self._resolve(v, candidate, key) for v in data]
+        if key in _REFERENCE_KEYS and isinstance(data, str) and data.startswith(MEMBER):
+            if data == CANDIDATE:
+                return candidate
+            member, sep, rest = data[len(MEMBER):].partition("/")
+            return str(self.paths[member]) + sep + rest
+        return data
+
+    def kinship(self, request: KinshipRequest) -> dict[tuple[str, str], float]:
+        """Kinship of every pair among the members a request names (one
+        streaming pass over them), from the ledger when it was computed before,
+        so a resume reads the same values instead of streaming the models again."""
+        run = self.run
+        ids = list(dict.fromkeys(m for pair in request.pairs for m in pair))
+        labels = [str(self.paths[m]) for m in ids]
+        base = run.config.population.base_model
+        key = "kinship/" + hashlib.sha256(json.dumps([request.metric, base, labels]).encode()).hexdigest()[:20]
+        cached = run.ledger.get_meta(key)
+        if cached is not None:
+            rows = json.loads(cached)
+        else:
+            by_label = dict(zip(labels, ids))
+            found = pairwise_kinship(labels, base, metrics=(request.metric,)) if len(ids) > 1 else []
+            rows = [[by_label[str(p["a"])], by_label[str(p["b"])], p[request.metric]] for p in found]
+            run.ledger.set_meta(key, json.dumps(rows))  # NaN is spelled NaN and read back
+        return {(a, b): value for a, b, value in rows}
