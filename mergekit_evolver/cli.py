@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from typing import Optional
 
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_evolver  # noqa: F401  (registers the plugin's merge methods)
-from mergekit_evolver.errors import exits_cleanly
+from mergekit_evolver.errors import UserError, exits_cleanly
+from mergekit_evolver.kinship.metrics import METRICS
 
 DEFAULT_TESTBED = Path(".testbed")
 DEFAULT_DEMO_RUN = Path("runs/demo")
@@ -142,12 +144,77 @@ def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
     evolve(config, Path(run_dir), resume=resume, log=tqdm.write)
 
 
-def _register_commands() -> None:
-    from mergekit_evolver.kinship.metrics import kinship_command
-    from mergekit_evolver.stats.collect import stats_command
+@main.command("kinship", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("models", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--base", "base", type=click.Path(file_okay=False), default=None,
+              help="The base model every MODEL was derived from (required).")
+@click.option("--metrics", "metrics", default=",".join(METRICS), show_default=True,
+              help="Comma-separated metrics: pcc (Pearson correlation), cos (cosine similarity), "
+                   "ed (Euclidean distance).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print a JSON list of {"a": MODEL, "b": MODEL, <metric>: value} (NaN as null).')
+@exits_cleanly()
+def kinship_command(models: tuple[str, ...], base: Optional[str], metrics: str, as_json: bool) -> None:
+    """Kinship of every pair of MODELs: similarity of their deltas from --base.
 
-    main.add_command(kinship_command)
-    main.add_command(stats_command)
+    A model's delta is its weights minus the base's, all tensors flattened into
+    one vector; the metrics are exact over that whole vector (not averaged per
+    tensor) and are computed streaming, one tensor at a time, so models larger
+    than memory work. MODEL and BASE are local dirs of safetensors weights.
+
+    Rows beyond the shared vocabulary (embedding / lm_head of different sizes)
+    are left out, and tensors missing from a model or the base are left out of
+    the pairs that lack them; both are reported on stderr.
+
+    \b
+    Example:
+      mergekit-evolver kinship m1 m2 m3 --base llama-base --metrics pcc,cos --json
+    """
+    from mergekit_evolver.kinship.metrics import compute_kinship, format_matrices, parse_metrics, to_json
+
+    wanted = parse_metrics(metrics)
+    if base is None:
+        raise UserError("--base is required: the model every MODEL was fine-tuned from")
+    if len(models) < 2:
+        raise UserError(f"kinship needs at least 2 models; got {len(models)}")
+    result = compute_kinship(list(models), base, wanted)
+    for line in result.notes():
+        click.echo(line, err=True)
+    click.echo(to_json(result) if as_json else format_matrices(result))
 
 
-_register_commands()
+@main.command("stats")
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--data", "data", required=True, help="A .jsonl (\"text\" field) or .txt file (one example per line), or an lm-eval task name.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Stats dir to write (default location for merges: MODEL/stats).")
+@click.option("--kind", "kind", default="gram,fisher", show_default=True, help="gram (RegMean), fisher (Fisher merging), or both.")
+@click.option("--max-examples", type=int, default=None, help="Use at most N examples.")
+@click.option("--include-path", multiple=True, help="Folder of lm-eval task YAMLs (repeatable).")
+@click.option("--split", default=None, help="lm-eval split: train, validation or test (default: the first the task has).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--dtype", default="float32", show_default=True, help="Storage dtype: float32 or float64 (accumulation is float64 for Grams).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, ...")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@exits_cleanly(debug=lambda kwargs: kwargs["verbose"])
+def stats_command(model, data, out_dir, kind, max_examples, include_path, split, batch_size, max_length, dtype, device, verbose):
+    """Collect the Gram (RegMean) and diagonal Fisher statistics of MODEL on --data.
+
+    Padding tokens are excluded. Writes OUT_DIR/manifest.json plus
+    gram.safetensors / fisher.safetensors, atomically. Merges with
+    `merge_method: regmean` or `fisher` read MODEL/stats unless a model's
+    `stats:` parameter names another dir."""
+    from mergekit_evolver.stats.collect import SPLITS, Source, collect_to_dir, parse_kinds
+
+    kinds = parse_kinds(kind)
+    source = Source(data, tuple(include_path), split)
+    if source.kind == "lm-eval" and split is not None and split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
+    path, collected = collect_to_dir(
+        model, source, out_dir, kinds=kinds, max_examples=max_examples,
+        batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
+    )
+    click.echo(
+        f"wrote {', '.join(kinds)} statistics of {model} "
+        f"({collected.n_examples} examples, {collected.gram_tokens or collected.fisher_tokens} tokens) to {path}"
+    )

@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from mergekit_evolver.cli import kinship_command
 from mergekit_evolver.kinship.metrics import (
     compute_kinship,
-    kinship_command,
     mean_kinship,
     pairwise_kinship,
 )

@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergekit_evolver.cli import stats_command
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.stats.store import MANIFEST, open_stats, write_stats
 from mergekit_evolver.stats.collect import (
     Source,
     collect_statistics,
     linear_layers,
-    stats_command,
     task_texts,
     token_batches,
 )

@@ -25,10 +25,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-import click
 import torch
 
-from mergekit_evolver.errors import UserError, exits_cleanly
+from mergekit_evolver.errors import UserError
 
 METRICS = ("pcc", "cos", "ed")
 METRIC_TITLES = {
@@ -374,40 +373,3 @@ def format_matrices(result: KinshipResult) -> str:
                     row.append(f"{cells[(min(i, j), max(i, j))][m]:.6g}")
             lines.append(head[i].ljust(6) + "".join(c.rjust(width) for c in row))
     return "\n".join(lines)
-
-
-@click.command("kinship", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("models", nargs=-1, type=click.Path(file_okay=False))
-@click.option("--base", "base", type=click.Path(file_okay=False), default=None,
-              help="The base model every MODEL was derived from (required).")
-@click.option("--metrics", "metrics", default=",".join(METRICS), show_default=True,
-              help="Comma-separated metrics: pcc (Pearson correlation), cos (cosine similarity), "
-                   "ed (Euclidean distance).")
-@click.option("--json", "as_json", is_flag=True,
-              help='Print a JSON list of {"a": MODEL, "b": MODEL, <metric>: value} (NaN as null).')
-@exits_cleanly()
-def kinship_command(models: tuple[str, ...], base: Optional[str], metrics: str, as_json: bool) -> None:
-    """Kinship of every pair of MODELs: similarity of their deltas from --base.
-
-    A model's delta is its weights minus the base's, all tensors flattened into
-    one vector; the metrics are exact over that whole vector (not averaged per
-    tensor) and are computed streaming, one tensor at a time, so models larger
-    than memory work. MODEL and BASE are local dirs of safetensors weights.
-
-    Rows beyond the shared vocabulary (embedding / lm_head of different sizes)
-    are left out, and tensors missing from a model or the base are left out of
-    the pairs that lack them; both are reported on stderr.
-
-    \b
-    Example:
-      mergekit-evolver kinship m1 m2 m3 --base llama-base --metrics pcc,cos --json
-    """
-    wanted = parse_metrics(metrics)
-    if base is None:
-        raise UserError("--base is required: the model every MODEL was fine-tuned from")
-    if len(models) < 2:
-        raise UserError(f"kinship needs at least 2 models; got {len(models)}")
-    result = compute_kinship(list(models), base, wanted)
-    for line in result.notes():
-        click.echo(line, err=True)
-    click.echo(to_json(result) if as_json else format_matrices(result))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional
 
+from mergekit_evolver.errors import UserError
 from mergekit_evolver.ledger.types import Candidate, Role, Status
 
 LEDGER_FILE = "ledger.sqlite"
@@ -63,13 +65,65 @@ CREATE TABLE IF NOT EXISTS generations (
 _JSON_FIELDS = ("parents", "dev", "test")
 
 
+# Written while a run dir is set up, before its ledger exists: a dir holding
+# only these is a run that never started, and may be used again.
+SETUP_DEBRIS = frozenset({LEDGER_FILE + ".new", LEDGER_FILE + ".new-journal", "run.yml", "run.yml.tmp", "scratch"})
+
+
+def _not_a_ledger(path: Path, error: sqlite3.Error) -> UserError:
+    return UserError(f"{path}: not a readable run ledger ({error}); it is corrupt or not SQLite")
+
+
+def read_meta(run_dir: Path, key: str) -> Optional[str]:
+    """One meta value, read only: nothing in the run dir is created or changed."""
+    path = Path(run_dir) / LEDGER_FILE
+    try:
+        # immutable: not even the -shm/-wal files a WAL reader would make. The
+        # identity is written before the ledger appears, so no WAL holds it.
+        db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise _not_a_ledger(path, e) from None
+    return row[0] if row else None
+
+
 class Ledger:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LEDGER_FILE
-        self.db = sqlite3.connect(self.path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise _not_a_ledger(self.path, e) from None
+
+    @classmethod
+    def create(cls, run_dir: Path, meta: dict[str, str]) -> "Ledger":
+        """A new ledger with its meta (the run's identity) in place, made under
+        another name and renamed: a run killed at any moment of its set-up has
+        either a whole ledger or none."""
+        path = Path(run_dir) / LEDGER_FILE
+        new = path.with_name(LEDGER_FILE + ".new")
+        new.unlink(missing_ok=True)
+        db = sqlite3.connect(new)
+        try:
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.executescript(_SCHEMA)
+            db.executemany("INSERT INTO meta(key, value) VALUES(?, ?)", meta.items())
+            db.commit()
+        finally:
+            db.close()
+        fd = os.open(new, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(new, path)
+        return cls(run_dir)
 
     def close(self) -> None:
         self.db.close()

@@ -313,6 +313,24 @@ def architecture(model_dir: Path) -> str:
     return ",".join(config.get("architectures") or [config.get("model_type", "?")])
 
 
+def clean_population(population_dir: Path, members: Iterable[str]) -> list[Path]:
+    """Remove what a killed run left and no ledger row refers to: temp dirs of
+    atomic writes (".g002_s03.<random>", "x.partial") and member dirs written
+    just before a kill, whose rows were never committed (they are made again).
+    Returns what was removed."""
+    # By name: rows hold absolute paths, and a run dir may have been moved.
+    keep = {Path(m).name for m in members}
+    removed = []
+    if not population_dir.is_dir():
+        return removed
+    for entry in sorted(population_dir.iterdir()):
+        stray = entry.name.startswith(".") or entry.name.endswith(".partial") or entry.name not in keep
+        if entry.is_dir() and stray:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of an on-disk individual (safetensors only: never unpickle)."""
     from safetensors.torch import load_file

@@ -118,5 +118,6 @@ def _evolve(run: Run, config, log: Log) -> str:
         encoding="utf-8",
     )
     run.ledger.set_meta("status", "complete")
+    run.notify("finish", table)
     log(table)
     return table

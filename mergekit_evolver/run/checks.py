@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.ledger import LEDGER_FILE, Ledger
+from mergekit_evolver.ledger import LEDGER_FILE
+from mergekit_evolver.ledger.store import SETUP_DEBRIS, read_meta
 from mergekit_evolver.population.store import architecture, tensor_shapes
 
 
@@ -41,18 +42,21 @@ def check_models(config) -> None:
 
 
 def check_run_dir(run_dir: Path, config, resume: bool) -> None:
-    """A new run needs an empty or absent dir; a resume needs this run's dir."""
+    """A new run needs an empty or absent dir, or one whose run never started
+    (killed while it was set up: a resume starts it again); a resume needs
+    this run's dir."""
     ledger = run_dir / LEDGER_FILE
     if ledger.exists():
-        theirs = Ledger(run_dir)
-        digest = theirs.get_meta("config_digest")
-        theirs.close()
+        digest = read_meta(run_dir, "config_digest")
         if digest != config.digest():
             raise UserError(f"{run_dir} holds another run (its config differs); choose another --out")
         if not resume:
             raise UserError(f"{run_dir} already holds this run; pass --resume to continue it")
         return
+    held = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if held and held <= SETUP_DEBRIS:
+        return
     if resume:
         raise UserError(f"nothing to resume: {run_dir} holds no run")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if held:
         raise UserError(f"{run_dir} is not empty and holds no run; choose another --out")

@@ -18,14 +18,26 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_evolver.ledger import Candidate, Ledger, Role, Status
+from mergekit_evolver.errors import UserError
+from mergekit_evolver.ledger import LEDGER_FILE, Candidate, Ledger, Role, Status
+from mergekit_evolver.merging.fingerprint import first_non_finite
 from mergekit_evolver.merging.merge import StateDict, merge_to_disk
-from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
-from mergekit_evolver.population.store import MemorySlot, load_state, read_json
+from mergekit_evolver.population.store import (
+    MemorySlot,
+    clean_population,
+    load_state,
+    read_json,
+)
 from mergekit_evolver.recipes.candidates import population_recipe
+from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.run.checks import check_models, check_run_dir
 from mergekit_evolver.run.executor import InProcess
-from mergekit_evolver.scoring.evaluator import Evaluator, Suite, check_chat_template, resolve_device
+from mergekit_evolver.scoring.evaluator import (
+    Evaluator,
+    Suite,
+    check_chat_template,
+    resolve_device,
+)
 from mergekit_evolver.search.protocol import Start, Strategy
 from mergekit_evolver.search.registry import STRATEGIES
 
@@ -78,15 +90,29 @@ class Run:
         self.check_strategy()
         # Everything the user gave us checked out: only now is the run dir made.
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.run_dir / LEDGER_FILE).exists():
+            path = self.run_dir / CONFIG_FILE
+            tmp = path.with_name(CONFIG_FILE + ".tmp")
+            tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            tmp.replace(path)
+            # The commit point of the set-up: the ledger appears whole, with the run's identity.
+            Ledger.create(self.run_dir, {"config_digest": config.digest()}).close()
         self.ledger = Ledger(self.run_dir)
-        if self.ledger.get_meta("config_digest") is None:
-            (self.run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-            self.ledger.set_meta("config_digest", config.digest())
+        self.population_dir = self.run_dir / "population"
+        for stray in clean_population(self.population_dir, (c.member for c in self.ledger.candidates() if c.member)):
+            self.log(f"removed {stray}: left by a killed run, no ledger row refers to it")
         self.like = Path(config.population.models[0])
         self.slot = MemorySlot(self.run_dir / "scratch", self.like)
         self.executor.in_memory.add(self.slot.ref)
         self.evaluator = Evaluator(self.like, settings, self.ledger)
-        self.population_dir = self.run_dir / "population"
+        # Who hears of each recorded candidate, generation and the final table
+        # (experiment loggers): each has candidate(row), generation(number,
+        # stats), finish(table) and close(). The loop and the run call them.
+        self.observers: list = []
+
+    def notify(self, event: str, *args) -> None:
+        for observer in self.observers:
+            getattr(observer, event)(*args)
 
     def start(self, members: list[Member]) -> Start:
         layers = read_json(Path(self.config.population.models[0]) / "config.json").get("num_hidden_layers")
@@ -190,7 +216,14 @@ class Run:
             members.append(Member(f"recipe_{name}", dest))
         for i, member in enumerate(members):
             def evaluate(member=member, i=i) -> Candidate:
-                s = self.score(load_state(member.path))
+                state = load_state(member.path)
+                # The check every offspring gets: a member with NaN scores like
+                # any other (argmax of NaN log-likelihoods picks choice 0) and
+                # could become the output.
+                bad = first_non_finite(state)
+                if bad is not None:
+                    raise UserError(f"{member.path}: tensor {bad} holds NaN or Inf; every member must have finite weights")
+                s = self.score(state)
                 return Candidate(
                     step=f"init/{member.id}", generation=0, slot=i, role=Role.MEMBER,
                     status=Status.ACCEPTED, fitness=s.fitness, dev=s.scores, eval_s=s.seconds,
@@ -201,6 +234,10 @@ class Run:
         return members
 
     def close(self) -> None:
-        self.executor.close()
+        try:
+            for observer in getattr(self, "observers", []):
+                observer.close()
+        finally:
+            self.executor.close()
 
 

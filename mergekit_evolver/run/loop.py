@@ -87,6 +87,7 @@ class CandidateLoop:
             with ledger.transaction():
                 row, accepted = self._compute(strategy, proposal, recipe, text)
                 ledger.record(row)
+            self.run.notify("candidate", row)
         if accepted and proposal.child is not None:
             self.paths[proposal.child] = Path(row.member)
         return row
@@ -141,6 +142,7 @@ class CandidateLoop:
             self.paths.pop(child, None)
         stats = {**end.stats, "seconds": round(seconds, 3)}
         self.run.ledger.record_generation(self.generation_offset + end.generation, stats)
+        self.run.notify("generation", self.generation_offset + end.generation, stats)
         self.run.log(end.line)
 
     def expect_next(self, strategy: Strategy, proposal: Proposal) -> None:

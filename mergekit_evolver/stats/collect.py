@@ -47,10 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
-import click
 import torch
 
-from mergekit_evolver.errors import UserError, exits_cleanly
+from mergekit_evolver.errors import UserError
 from mergekit_evolver.population.store import require_safetensors
 from mergekit_evolver.stats.store import DTYPES, KINDS, check_out_dir, write_stats
 
@@ -423,38 +422,3 @@ def collect_to_dir(
         extra={"max_length": max_length, "max_examples": max_examples, "skipped": collected.skipped},
     )
     return path, collected
-
-
-@click.command("stats")
-@click.argument("model", type=click.Path(file_okay=False))
-@click.option("--data", "data", required=True, help="A .jsonl (\"text\" field) or .txt file (one example per line), or an lm-eval task name.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Stats dir to write (default location for merges: MODEL/stats).")
-@click.option("--kind", "kind", default="gram,fisher", show_default=True, help="gram (RegMean), fisher (Fisher merging), or both.")
-@click.option("--max-examples", type=int, default=None, help="Use at most N examples.")
-@click.option("--include-path", multiple=True, help="Folder of lm-eval task YAMLs (repeatable).")
-@click.option("--split", default=None, help="lm-eval split: train, validation or test (default: the first the task has).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
-@click.option("--dtype", default="float32", show_default=True, help="Storage dtype: float32 or float64 (accumulation is float64 for Grams).")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, ...")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@exits_cleanly(debug=lambda kwargs: kwargs["verbose"])
-def stats_command(model, data, out_dir, kind, max_examples, include_path, split, batch_size, max_length, dtype, device, verbose):
-    """Collect the Gram (RegMean) and diagonal Fisher statistics of MODEL on --data.
-
-    Padding tokens are excluded. Writes OUT_DIR/manifest.json plus
-    gram.safetensors / fisher.safetensors, atomically. Merges with
-    `merge_method: regmean` or `fisher` read MODEL/stats unless a model's
-    `stats:` parameter names another dir."""
-    kinds = parse_kinds(kind)
-    source = Source(data, tuple(include_path), split)
-    if source.kind == "lm-eval" and split is not None and split not in SPLITS:
-        raise UserError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
-    path, collected = collect_to_dir(
-        model, source, out_dir, kinds=kinds, max_examples=max_examples,
-        batch_size=batch_size, max_length=max_length, dtype=dtype, device=device,
-    )
-    click.echo(
-        f"wrote {', '.join(kinds)} statistics of {model} "
-        f"({collected.n_examples} examples, {collected.gram_tokens or collected.fisher_tokens} tokens) to {path}"
-    )
