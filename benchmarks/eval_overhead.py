@@ -1,7 +1,7 @@
 """Share of a testbed run's wall time spent outside lm-eval's model calls,
 with and without merging the next candidate ahead, side by side.
 
-Run: .venv/bin/python benchmarks/eval_overhead.py [--testbed .testbed] [--config examples/demo.yml]
+Run: .venv/bin/python benchmarks/eval_overhead.py [--testbed .testbed] [--config mergekit_evolver/examples/demo.yml]
      [--generations G] [--width W --layers L] [--rounds R] [--spare-core]
 
 Builds (or reuses) the testbed and runs the example config in scratch run
@@ -219,7 +219,7 @@ def timed_run(config, run_dir: Path, merge_ahead: bool, spare_core: bool = False
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", default=".testbed")
-    parser.add_argument("--config", default="examples/demo.yml")
+    parser.add_argument("--config", default="mergekit_evolver/examples/demo.yml")
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--width", type=int, default=0, help="random Llamas of this width (0: the testbed's)")
     parser.add_argument("--layers", type=int, default=4)

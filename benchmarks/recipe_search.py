@@ -10,7 +10,7 @@ starts from:
   the rest): 2 x 4 x 3 = 24 parameters, starting from the default recipe;
 - Recipe CMA-ES: the same genome, sigma0 1/6, pycma's population size;
 - Default recipe: task_arithmetic with uniform weights 1/4 (one candidate);
-- Evolver: examples/demo.yml with budget/4 generations;
+- Evolver: mergekit_evolver/examples/demo.yml with budget/4 generations;
 - Hybrid: recipe DE (or CMA-ES) for half the budget, then the Evolver over
   the four specialists plus the best recipe's model for the other half.
 

@@ -19,7 +19,7 @@ def parse_args(description: str, runs: str, **extra) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--runs", default=runs)
     parser.add_argument("--testbed", default=".testbed")
-    parser.add_argument("--config", default=str(ROOT / "examples" / "demo.yml"))
+    parser.add_argument("--config", default=str(ROOT / "mergekit_evolver" / "examples" / "demo.yml"))
     for name, default in extra.items():
         parser.add_argument(f"--{name}", type=type(default), default=default)
     args = parser.parse_args()

@@ -15,8 +15,7 @@ from mergekit_evolver.kinship.metrics import METRICS
 
 DEFAULT_TESTBED = Path(".testbed")
 DEFAULT_DEMO_RUN = Path("runs/demo")
-# Package data, so a wheel install has it too (a source checkout's top-level
-# examples/ is not installed).
+# Package data, so a wheel install has it too.
 DEMO_CONFIG = Path(str(files("mergekit_evolver") / "examples" / "demo.yml"))
 
 
@@ -125,7 +124,7 @@ def testbed_command(out_dir: str, rebuild: bool) -> None:
 @exits_cleanly()
 def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
     """The main job on the embedded testbed: build (or reuse) it, evolve its
-    specialists with examples/demo.yml, and print the comparison table on the
+    specialists with the packaged examples/demo.yml, and print the comparison table on the
     held-out test and out-of-domain tasks."""
     import os
 

@@ -8,7 +8,7 @@ import pytest
 
 from mergekit_evolver.config import load_evolve_config
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "mergekit_evolver" / "examples"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yml")))

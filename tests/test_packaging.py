@@ -67,8 +67,3 @@ def test_installed_demo_finds_its_config_inside_the_install(installed, tmp_path)
     assert config.resolve().is_relative_to(target.resolve())
     assert config.read_text() == (ROOT / "mergekit_evolver" / "examples" / "demo.yml").read_text()
     assert "--config" in done.stdout and str(config) in " ".join(done.stdout.split())
-
-
-def test_package_examples_match_the_top_level_examples():
-    for path in (ROOT / "examples").glob("*.yml"):
-        assert (ROOT / "mergekit_evolver" / "examples" / path.name).read_text() == path.read_text(), path.name
