@@ -194,7 +194,7 @@ def refused(tmp_path: Path, config: dict, *flags: str) -> str:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"merge_method": "nuslerp"}, "cannot search nuslerp"),
+        ({"merge_method": "karcher"}, "cannot search karcher"),
         ({"layer_granularity": 3}, "layer_granularity 3 does not divide the model's 2 layers"),
         ({"bounds": {"t": [0, 1]}}, "bounds for t, which dare_ties does not search"),
         ({"population_size": 3}, "rand/1/bin needs a population of at least 5"),
