@@ -5,6 +5,7 @@ its section, as a check EvolveConfig runs (base.rule)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
@@ -32,9 +33,27 @@ class DEConfig(Strict):
     # task vector is thinned (DARE/TIES-style) instead of each difference.
     space: Literal["weights", "task_vectors"] = "weights"
     generations: int = Field(5, ge=1)
+    # The donor of de_current_to_rand1 without a merger. uniform: a random other
+    # member. annealed_best: as the Evolver's authors' code, a random other
+    # member with probability p = 0.5/(T - t) + 0.5 (t the 0-based generation,
+    # T the generation count), otherwise the fittest other member.
+    donor: Literal["uniform", "annealed_best"] = "uniform"
+    # Tensors left out of mutation (regexes searched in the tensor name, e.g. a
+    # classifier head): an excluded tensor keeps the target's own weights.
+    exclude: list[str] = []
+
+    @field_validator("exclude")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {pattern!r} ({e})") from None
+        return value
 
     def method_parameters(self, seed: int) -> dict[str, Any]:
-        return {
+        parameters = {
             "F": self.F,
             "CR": self.CR,
             "seed": seed,
@@ -44,6 +63,20 @@ class DEConfig(Strict):
             "density": self.density,
             "space": self.space,
         }
+        if self.exclude:  # left out otherwise, so recipes without it read as before
+            parameters["exclude"] = "|".join(f"(?:{p})" for p in self.exclude)
+        return parameters
+
+
+def annealed_donor_is_the_papers_setting(config: RunConfig) -> None:
+    """The authors anneal the donor of their one operator, without a merger."""
+    if config.de.donor != "annealed_best":
+        return
+    if config.de.operator != "de_current_to_rand1" or config.selection.mode != "individual":
+        raise ValueError(
+            "de.donor annealed_best is for de.operator de_current_to_rand1 with "
+            "selection.mode individual (the authors' Evolver without a merger)"
+        )
 
 
 def population_fills_de_operator(config: RunConfig) -> None:
@@ -72,6 +105,14 @@ def task_vectors_need_base_model(config: RunConfig) -> None:
 
 class SelectionConfig(Strict):
     mode: Literal["individual", "merged"] = "individual"
+    # When an accepted offspring replaces its parent in individual selection:
+    # at the generation's end (synchronous DE), or at once, so later slots of
+    # the same generation see it (the authors' code). Merged selection is
+    # always immediate.
+    update: Literal["generation", "immediate"] = "generation"
+    # The order slots are visited in each generation: 0, 1, ..., or a fresh
+    # seeded permutation per generation (the authors' merged selection).
+    slot_order: Literal["fixed", "permuted"] = "fixed"
     # The mergekit recipe that merges the population in `merged` mode (and for
     # `output: merged`); its models are filled in with the current population.
     merger: RecipeTemplate = RecipeTemplate(merge_method="linear", parameters={"weight": 1.0})

@@ -20,10 +20,14 @@ arithmetic; with it, each input's task vector is sparsified (as DARE and TIES
 do) before the mutant is formed:
     v = theta_0 + S(tau_anchor) + F*(S(tau_a) - S(tau_b)) + ...
 The trial still keeps x's own weights where the crossover mask is unset.
+
+`exclude` (a regex searched in the tensor name) leaves tensors out of mutation:
+they are x's own weights, as the Evolver's authors leave classifier heads out.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence, get_args
 
@@ -67,6 +71,14 @@ def _check_seed(value: int) -> int:
     return value
 
 
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"exclude must be a regular expression; got {value!r} ({e})") from None
+    return value
+
+
 def _one_of(name: str, literal) -> AfterValidator:
     # A plain Literal's error would not say which parameter was wrong.
     choices = get_args(literal)
@@ -89,6 +101,7 @@ GranularityParam = Annotated[str, _one_of("granularity", Granularity)]
 SparsifyParam = Annotated[str, _one_of("sparsify", Sparsify)]
 Space = Literal["weights", "task_vectors"]
 SpaceParam = Annotated[str, _one_of("space", Space)]
+ExcludeParam = Annotated[str, AfterValidator(_check_regex)]
 
 
 @dataclass(frozen=True)
@@ -300,8 +313,12 @@ def _make_method(operator: str) -> MergeMethod:
         density: DensityType = 1.0,
         space: SpaceParam = "weights",
         reference: PerNonBase[bool] = False,
+        exclude: ExcludeParam = "",
     ) -> torch.Tensor:
         x = group.base.tensor
+        name = group.metadata.name or ""
+        if exclude and re.search(exclude, name):
+            return x  # left out of mutation: the target's own weights
         refs = [e.tensor for e in group.non_base if reference[e.id]]
         donors = [e.tensor for e in group.non_base if not reference[e.id]]
         check_reference(operator, contract, space, len(refs), len(donors))
@@ -313,7 +330,7 @@ def _make_method(operator: str) -> MergeMethod:
             F=F,
             CR=CR,
             seed=seed,
-            name=group.metadata.name or "",
+            name=name,
             kind=crossover,
             granularity=granularity,
             sparsify=sparsify,

@@ -3,11 +3,22 @@
 `individual` selection is classic synchronous DE: every offspring of a
 generation is built from the population as it stood when the generation began,
 competes with its own parent on dev fitness, and replaces it only if strictly
-better. `merged` selection follows the paper's Evolver+merger code: slots are
-visited in turn, an offspring temporarily takes slot i, and it stays only if
-the merged population's fitness strictly beats the best seen so far. There a
-member's fitness is the merged fitness it was accepted at (initial members:
-their own), used only to pick the `best` donor of best/1 operators.
+better. `merged` selection is the paper's Evolver+merger: an offspring
+temporarily takes slot i, and it stays only if the merged population's
+fitness strictly beats the best seen so far. There a member's fitness is the
+merged fitness it was accepted at (initial members: their own), used only to
+pick the `best` donor of best/1 operators.
+
+The authors' released code (model-evolution, src/model_merge/evolver.py)
+differs in three ways, each an option here with our default first:
+- update "generation" | "immediate": their individual selection replaces a
+  member at once, so later slots of the generation see it;
+- slot_order "fixed" | "permuted": their merged selection visits the slots in
+  a fresh random permutation each generation (here a seeded one);
+- donor "uniform" | "annealed_best": without a merger, their donor is a random
+  other member with probability p = 0.5/(T - t) + 0.5 (t the 0-based
+  generation, T the generation count), otherwise the fittest other member.
+(The fourth, tensors left out of mutation, is the DE methods' `exclude`.)
 
 Generation 0 is the starting population: in merged mode its one proposal is the
 merged starting population, whose fitness is the first bar. Kinship (of the
@@ -75,6 +86,9 @@ class Evolver:
         base_model: Optional[str] = None,
         stats: Optional[Sequence[str]] = None,
         kinship: KinshipUse = KinshipUse(),
+        update: str = "generation",
+        slot_order: str = "fixed",
+        donor: str = "uniform",
     ):
         if len(members) != len(fitness):
             raise ValueError("one fitness per member")
@@ -93,10 +107,15 @@ class Evolver:
         self.kinship_use = kinship
         self.kinship: Optional[dict[tuple[str, str], float]] = None
         self.best_merged = merged_fitness
-        self.expected = generations * len(self.members)
+        self.expected = generations * len(self.members) + (mode == "merged" and merged_fitness is None)
+        # Merged selection replaces members at once by its nature.
+        self.immediate = update == "immediate" or mode == "merged"
+        self.slot_order = slot_order
+        self.donor = donor
         # Generation 0 has one proposal in merged mode: the starting population merged.
         self.generation = 0
-        self.slot = len(self.members) if mode != "merged" or merged_fitness is not None else -1
+        self._order: list[int] = list(range(len(self.members)))
+        self._pos = len(self.members) if mode != "merged" or merged_fitness is not None else -1
         self._snapshot = list(self.members)
         self._pending: dict[int, tuple[str, float]] = {}
         self._asked = self._told = 0
@@ -121,10 +140,15 @@ class Evolver:
     def give(self, request: KinshipRequest, answer: Mapping[tuple[str, str], float]) -> None:
         self._table = {tuple(sorted(pair)): value for pair, value in answer.items()}
 
+    @property
+    def slot(self) -> Optional[int]:
+        """The slot the next proposal is for (None: the merged start, or none due)."""
+        return self._order[self._pos] if 0 <= self._pos < len(self._order) else None
+
     def ask(self) -> Optional[Proposal]:
         if self.done or self._asked > self._told:
             return None
-        if self.slot == -1:
+        if self._pos == -1:
             self._asked += 1
             return Proposal(
                 step="g000/merged", generation=0, role="merged",
@@ -139,25 +163,26 @@ class Evolver:
         """Record a proposal's result (fitness None: invalid, e.g. NaN weights).
         Returns whether it was accepted. In merged mode the fitness is the merged
         population's with the offspring in its slot."""
-        if proposal.generation != self.generation or proposal.slot != (None if self.slot == -1 else self.slot):
+        if proposal.generation != self.generation or proposal.slot != self.slot:
             raise ValueError(f"told {proposal.step} out of order")
         self._told += 1
-        if self.slot == -1:
+        if self._pos == -1:
             self.best_merged = result.fitness
-            self.slot = len(self.members)
+            self._pos = len(self.members)
             return False
         fitness = result.fitness
         accepted = self._accepts(proposal, fitness)
         self._counts["evaluated"] += 1
         self._counts["accepted"] += accepted
         self._counts["invalid"] += fitness is None
-        if accepted and self.mode == "individual":
+        if accepted and not self.immediate:
             self._pending[proposal.slot] = (proposal.child, fitness)
         elif accepted:
-            self.best_merged = fitness
+            if self.mode == "merged":
+                self.best_merged = fitness
             self.members[proposal.slot] = proposal.child
             self.fitness[proposal.slot] = fitness
-        self.slot += 1
+        self._pos += 1
         if self._complete:
             for slot, (member, value) in sorted(self._pending.items()):
                 self.members[slot] = member
@@ -186,7 +211,8 @@ class Evolver:
             f"generation {g}: best {stats['best']:.4f} mean {stats['mean']:.4f} "
             f"min {stats['min']:.4f}, accepted {stats['accepted']}/{stats['evaluated']}"
         )
-        self.generation, self.slot = g + 1, 0
+        self.generation, self._pos = g + 1, 0
+        self._order = self._visiting_order(g + 1)
         self._snapshot = list(self.members)
         self._counts = {"accepted": 0, "invalid": 0, "evaluated": 0}
         self._table = None
@@ -198,7 +224,13 @@ class Evolver:
     # -- DE -------------------------------------------------------------------
     @property
     def _complete(self) -> bool:
-        return self.slot >= len(self.members)
+        return self._pos >= len(self.members)
+
+    def _visiting_order(self, g: int) -> list[int]:
+        n = len(self.members)
+        if self.slot_order == "fixed":
+            return list(range(n))
+        return [int(i) for i in derive_rng(self.seed, "slot-order", g).permutation(n)]
 
     def _accepts(self, proposal: Proposal, fitness: Optional[float]) -> bool:
         """Strictly better than the parent (individual) or than the best merged
@@ -214,7 +246,7 @@ class Evolver:
         return population_recipe_data(self.merger, refs, self.base_model, stats=self.stats)
 
     def _offspring(self, g: int, i: int) -> Offspring:
-        source = self._snapshot if self.mode == "individual" else self.members
+        source = self.members if self.immediate else self._snapshot
         roles = OPERATORS[self.operator][0]
         rng = derive_rng(self.seed, "donors", g, i)
         donors: list[str] = []
@@ -224,10 +256,16 @@ class Evolver:
             donors.append(source[best])
             exclude.add(best)
         others = [j for j in range(len(source)) if j not in exclude]
-        picks = rng.choice(
-            others, size=len(roles) - len(donors), replace=False, p=self._donor_odds(i, others, source)
-        )
-        donors.extend(source[int(j)] for j in picks)
+        if self.donor == "annealed_best" and rng.random() >= 0.5 / (self.generations - (g - 1)) + 0.5:
+            # The fittest other member (ties to the lowest slot); self.fitness
+            # takes pending replacements only at the generation's end, so it
+            # stands where the donors' population does.
+            donors.append(source[max(others, key=lambda j: (self.fitness[j], -j))])
+        else:
+            picks = rng.choice(
+                others, size=len(roles) - len(donors), replace=False, p=self._donor_odds(i, others, source)
+            )
+            donors.extend(source[int(j)] for j in picks)
         seed = derive_seed(self.seed, "offspring", g, i)
         target = source[i]
         recipe = de_recipe_data(
@@ -268,4 +306,5 @@ def from_config(start: Start) -> Evolver:
         reference=pop.base_model if de.space == "task_vectors" else None,
         merger=c.selection.merger.template(), base_model=pop.base_model, stats=pop.stats_dirs(),
         kinship=KinshipUse(metric=k.metric, track=k.track, stop_above=k.stop_above, diverse_donors=k.diverse_donors),
+        update=c.selection.update, slot_order=c.selection.slot_order, donor=de.donor,
     )
