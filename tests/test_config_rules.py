@@ -157,3 +157,18 @@ def test_a_dumped_config_loads_back_to_the_same_run():
     )
     again = EvolveConfig.model_validate(loaded.model_dump(mode="json"))
     assert again == loaded and again.digest() == loaded.digest()
+
+
+def test_a_setting_left_at_its_default_leaves_the_digest_as_it_was(shared_world):
+    """Runs that never set a setting keep their identity when it is added or
+    spelt out: only settings that differ from their defaults make a digest."""
+    from toy_world import run_config
+
+    plain = EvolveConfig.model_validate(run_config(shared_world))
+    spelt = run_config(shared_world)
+    spelt["fitness"]["racing"] = {"mode": "exact", "rounds": 4}
+    spelt["selection"] = {"mode": "individual", "update": "generation", "slot_order": "fixed"}
+    assert EvolveConfig.model_validate(spelt).digest() == plain.digest()
+    changed = run_config(shared_world)
+    changed["fitness"]["racing"] = {"rounds": 5}
+    assert EvolveConfig.model_validate(changed).digest() != plain.digest()

@@ -184,7 +184,7 @@ def test_scores_are_cached_by_content_across_evaluators(world, tmp_path):
     ledger = Ledger(tmp_path)
     calls = []
     real_run = suite.run
-    suite.run = lambda lm: calls.append(1) or real_run(lm)
+    suite.run = lambda lm, bar=None: calls.append(1) or real_run(lm, bar)
     state = load_state(world.models[0])
     first = Evaluator(world.models[0], config.fitness, ledger).score(state, suite)
     again = Evaluator(world.models[1], config.fitness, ledger).score(dict(state), suite)

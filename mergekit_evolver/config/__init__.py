@@ -3,7 +3,8 @@
     paths            expand_path, model_path (~ and ${ENV_VARS} expand)
     base             Strict, the base of every section; rule(), a cross-section check as a validator
     recipe_template  RecipeTemplate: selection.merger and population.recipes
-    evaluation       TaskSpec, EvalSettings, FitnessConfig, ReportConfig
+    evaluation       TaskSpec, EvalSettings, FitnessConfig (fitness_function), ReportConfig
+    logging          LoggingConfig: the experiment loggers (wandb, tensorboard)
     population       PopulationConfig
     strategies       DEConfig, SelectionConfig, KinshipConfig, GreedyConfig, SearchConfig, OutputConfig
     run_config       EvolveConfig (its digest identifies a run)
@@ -11,7 +12,14 @@
 """
 
 from mergekit_evolver.config.base import Strict, rule
-from mergekit_evolver.config.evaluation import EvalSettings, FitnessConfig, ReportConfig, TaskSpec
+from mergekit_evolver.config.evaluation import (
+    EvalSettings,
+    FitnessConfig,
+    ReportConfig,
+    TaskSpec,
+    fitness_function,
+)
+from mergekit_evolver.config.logging import LoggingConfig, TensorBoardConfig, WandbConfig
 from mergekit_evolver.config.load import load_evolve_config
 from mergekit_evolver.config.paths import expand_path, model_path
 from mergekit_evolver.config.population import PopulationConfig
@@ -34,6 +42,7 @@ __all__ = [
     "FitnessConfig",
     "GreedyConfig",
     "KinshipConfig",
+    "LoggingConfig",
     "OutputConfig",
     "PopulationConfig",
     "RecipeTemplate",
@@ -42,7 +51,10 @@ __all__ = [
     "SelectionConfig",
     "Strict",
     "TaskSpec",
+    "TensorBoardConfig",
+    "WandbConfig",
     "expand_path",
+    "fitness_function",
     "known_method",
     "load_evolve_config",
     "model_path",

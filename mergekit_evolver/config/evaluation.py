@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+import importlib
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -50,8 +51,53 @@ class EvalSettings(Strict):
         return [expand_path(v) for v in value] if isinstance(value, list) else value
 
 
+def fitness_function(spec: str) -> Callable[..., Any]:
+    """The callable that `fitness.function` names ("package.module:name").
+    Raises ValueError naming what is wrong: the form, the import, the name."""
+    module_name, colon, attr = spec.partition(":")
+    module_name, attr = module_name.strip(), attr.strip()
+    if not colon or not module_name or not attr or ":" in attr:
+        raise ValueError(f"{spec!r} is not of the form module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # a module that fails while it imports is as unusable as a missing one
+        raise ValueError(f"cannot import module {module_name!r}: {type(error).__name__}: {error}") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{spec!r} is not callable (it is a {type(target).__name__})")
+    return target
+
+
+class RacingConfig(Strict):
+    """Exact racing (scoring/racing.py): a candidate is scored in `rounds`
+    seeded chunks of each task's documents and stopped once it cannot pass its
+    bar. `off` scores every candidate in full, in the same rounds, so the two
+    make the same decisions and the same model."""
+
+    mode: Literal["exact", "off"] = "exact"
+    rounds: int = Field(4, ge=1)
+
+
 class FitnessConfig(EvalSettings):
     tasks: list[TaskSpec] = Field(min_length=1)
+    racing: RacingConfig = RacingConfig()
+    # "module:callable", called as function(scores, tasks) -> float, higher is
+    # better, instead of the weighted mean of `tasks`' metrics. scores: task
+    # name -> {metric: value}, as the ledger keeps them ("acc"; a metric under
+    # a filter other than none keeps it: "exact_match,strict"); tasks: these
+    # TaskSpecs, metric spelt as that key and higher_is_better filled in.
+    function: Optional[str] = None
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            fitness_function(value)
+        return value
 
 
 class ReportConfig(Strict):

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from mergekit_evolver.config.base import Strict, rule
 from mergekit_evolver.config.evaluation import FitnessConfig, ReportConfig
+from mergekit_evolver.config.logging import LoggingConfig
 from mergekit_evolver.config.population import PopulationConfig, stats_dir_per_model
 from mergekit_evolver.config.strategies import (
     DEConfig,
@@ -17,6 +18,7 @@ from mergekit_evolver.config.strategies import (
     OutputConfig,
     SearchConfig,
     SelectionConfig,
+    annealed_donor_is_the_papers_setting,
     kinship_greedy_needs_base_model,
     kinship_needs_base_model,
     merger_leaves_models_to_population,
@@ -28,7 +30,7 @@ from mergekit_evolver.config.strategies import (
 )
 
 # EvolveConfig fields that change how a run executes, never what it produces.
-RESULT_NEUTRAL = {"merge_ahead"}
+RESULT_NEUTRAL = {"merge_ahead", "logging"}
 
 
 class EvolveConfig(Strict):
@@ -46,6 +48,8 @@ class EvolveConfig(Strict):
     kinship: KinshipConfig = KinshipConfig()
     greedy: GreedyConfig = GreedyConfig()
     search: SearchConfig = SearchConfig()
+    # Experiment loggers (wandb, tensorboard); they only watch the run.
+    logging: LoggingConfig = LoggingConfig()
     # Merge the next candidate in a worker process while this one is scored
     # (merge_ahead.py). It changes no result, only where the merge runs. It
     # pays where the scoring leaves a CPU core idle; where the forward passes
@@ -73,9 +77,13 @@ class EvolveConfig(Strict):
     _stats_merger_has_no_recipe_members = rule(stats_merger_has_no_recipe_members)
     _task_vectors_need_base_model = rule(task_vectors_need_base_model)
     _merger_leaves_models_to_population = rule(merger_leaves_models_to_population)
+    _annealed_donor_is_the_papers_setting = rule(annealed_donor_is_the_papers_setting)
 
     def digest(self) -> str:
         """Identity of a run: what a resume must agree with. Settings that
-        change no result (merge_ahead) are left out, so a resume may change them."""
-        text = yaml.safe_dump(self.model_dump(mode="json", exclude=RESULT_NEUTRAL), sort_keys=True)
+        change no result (merge_ahead, logging) are left out, so a resume may
+        change them. So are settings at their defaults: a setting added in a
+        later version leaves the runs that never set it their identity."""
+        dumped = self.model_dump(mode="json", exclude=RESULT_NEUTRAL, exclude_defaults=True)
+        text = yaml.safe_dump(dumped, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -25,6 +25,9 @@ class Status(str, enum.Enum):
     REJECTED = "rejected"  # scored, not kept
     INVALID = "invalid"  # never scored: non-finite weights
     SCORED = "scored"  # scored only; nothing to keep or reject (search, baseline, report)
+    # Stopped once it could not pass its bar (exact racing): rejected, with
+    # partial scores and, as fitness, the best it could still have reached.
+    RACED = "raced"
 
     def __str__(self) -> str:
         return self.value

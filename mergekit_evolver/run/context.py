@@ -32,12 +32,14 @@ from mergekit_evolver.recipes.candidates import population_recipe
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.run.checks import check_models, check_run_dir
 from mergekit_evolver.run.executor import InProcess
+from mergekit_evolver.run.observers import observers_from_config
 from mergekit_evolver.scoring.evaluator import (
     Evaluator,
     Suite,
     check_chat_template,
     resolve_device,
 )
+from mergekit_evolver.scoring.racing import Bar
 from mergekit_evolver.search.protocol import Start, Strategy
 from mergekit_evolver.search.registry import STRATEGIES
 
@@ -54,10 +56,12 @@ class Member:
 
 @dataclass
 class Scored:
-    fitness: Optional[float]
+    fitness: Optional[float]  # raced out: the best it could still have reached
     scores: dict
     seconds: float
     content_hash: str
+    complete: bool = True
+    documents: Optional[tuple[int, int]] = None  # scored, of
 
 
 class Run:
@@ -108,7 +112,7 @@ class Run:
         # Who hears of each recorded candidate, generation and the final table
         # (experiment loggers): each has candidate(row), generation(number,
         # stats), finish(table) and close(). The loop and the run call them.
-        self.observers: list = []
+        self.observers: list = observers_from_config(config, self.run_dir, self.log)
 
     def notify(self, event: str, *args) -> None:
         for observer in self.observers:
@@ -156,10 +160,13 @@ class Run:
     def merge(self, recipe: MergeConfiguration) -> StateDict:
         return self.executor.merge(recipe)
 
-    def score(self, state, suite: Optional[Suite] = None, digest: Optional[str] = None) -> Scored:
+    def score(
+        self, state, suite: Optional[Suite] = None, digest: Optional[str] = None, bar: Optional[Bar] = None
+    ) -> Scored:
         suite = suite or self.dev
-        scored = self.evaluator.score(state, suite, digest)
-        return Scored(suite.fitness(scored.scores), scored.scores, scored.seconds, scored.content_hash)
+        scored = self.evaluator.score(state, suite, digest, bar)
+        fitness = suite.fitness(scored.scores) if scored.complete else scored.best
+        return Scored(fitness, scored.scores, scored.seconds, scored.content_hash, scored.complete, scored.documents)
 
     def step(self, key: str, compute: Callable[[], Candidate]) -> Candidate:
         done = self.ledger.find(key)

@@ -25,6 +25,7 @@ from mergekit_evolver.ledger import Candidate, Role, Status
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.population.store import write_individual
 from mergekit_evolver.run.context import Member, Run
+from mergekit_evolver.scoring.racing import Bar
 from mergekit_evolver.search.protocol import (
     CANDIDATE,
     MEMBER,
@@ -78,7 +79,10 @@ class CandidateLoop:
         if row is not None:
             if row.recipe != text:
                 raise RuntimeError(f"{proposal.step}: the ledger holds another recipe; the run cannot be replayed")
-            told = Result(None) if row.status == Status.INVALID else Result(row.fitness, row.dev)
+            if row.status == Status.INVALID:
+                told = Result(None)
+            else:
+                told = Result(row.fitness, row.dev, raced=row.status == Status.RACED)
             accepted = strategy.tell(proposal, told)
             if proposal.child is not None and accepted != (row.status == Status.ACCEPTED):
                 raise RuntimeError(f"{proposal.step}: the replayed decision differs from the ledger's")
@@ -119,21 +123,40 @@ class CandidateLoop:
             merge_s += time.perf_counter() - start
             run.slot.clear()
             scored_digest = None
-        scored = run.score(scored_state, digest=scored_digest)
-        accepted = strategy.tell(proposal, Result(scored.fitness, scored.scores))
+        bar = self.bar(proposal)
+        scored = run.score(scored_state, digest=scored_digest, bar=bar)
+        raced = not scored.complete
+        accepted = strategy.tell(proposal, Result(scored.fitness, scored.scores, raced=raced))
+        if raced and accepted:
+            raise RuntimeError(f"{proposal.step}: a raced-out candidate was accepted; its bar was wrong")
         member = None
         if accepted and proposal.child is not None:
             dest = run.population_dir / proposal.child
             member = str(write_individual(state, dest, like=self.paths[proposal.like]))
-        if proposal.child is None:
+        note = proposal.note
+        if raced:
+            status = Status.RACED
+            done, total = scored.documents
+            note = (
+                f"raced out after {done} of {total} documents: at best {scored.fitness:.6g}, "
+                f"which cannot pass its bar {bar.value:.6g}"
+            )
+        elif proposal.child is None:
             status = Status.SCORED
         else:
             status = Status.ACCEPTED if accepted else Status.REJECTED
         row = Candidate(
             **base, status=status, fitness=scored.fitness, dev=scored.scores, member=member,
-            merge_s=merge_s, eval_s=scored.seconds, note=proposal.note, content_hash=digest,
+            merge_s=merge_s, eval_s=scored.seconds, note=note, content_hash=digest,
         )
         return row, accepted
+
+    def bar(self, proposal: Proposal) -> Optional[Bar]:
+        """The bar to race a proposal against: its own, where racing is on."""
+        racing = self.run.config.fitness.racing
+        if racing.mode != "exact" or proposal.bar is None:
+            return None
+        return Bar(proposal.bar, proposal.bar_strict)
 
     def end_generation(self, strategy: Strategy, seconds: float) -> None:
         end = strategy.end_generation()

@@ -18,11 +18,26 @@ from typing import Mapping, Optional, Protocol, Sequence
 import torch
 
 from mergekit_evolver.scoring import lmeval as fitness
+from mergekit_evolver.scoring import racing as racing_math
 from mergekit_evolver.config import EvalSettings, TaskSpec
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.merging.fingerprint import content_hash
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
+# Racing's chunks are one fixed draw, the same in every run: the order documents
+# are scored in changes no complete score, only how soon a loser is stopped.
+RACING_SEED = 20241
+
+
+@dataclass
+class Scoring:
+    """A suite's scores of one candidate: complete, or raced out with the best
+    fitness it could still have reached (an upper bound, below its bar)."""
+
+    scores: Scores
+    complete: bool
+    best: Optional[float]
+    documents: tuple[int, int]  # scored, of
 
 
 class Suite:
@@ -50,6 +65,8 @@ class Suite:
                 directions[metric] if spec.higher_is_better is None else spec.higher_is_better
             )
         self.key = self._key()
+        self.plan = self._plan()
+        self.sizes = {name: sum(len(r.get(name, ())) for r in self.plan) for name in self.tasks}
 
     def _key(self) -> str:
         """Identity of what a score means, for the cache: tasks, metrics, limits."""
@@ -67,18 +84,124 @@ class Suite:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def run(self, lm) -> Scores:
-        limit = self.settings.limit
-        if limit is not None and limit >= 1:
-            limit = int(limit)
-        scores = fitness.run_tasks(
-            lm, self.loaded, limit=limit, apply_chat_template=self.settings.apply_chat_template,
-            fewshot_as_multiturn=self.settings.fewshot_as_multiturn,
-        )
-        return {name: scores[name] for name in self.tasks}
+    def _plan(self) -> list[dict[str, list[int]]]:
+        """The documents each round scores: every document (after `limit`), in
+        seeded chunks; `fitness.racing.rounds` rounds (1 where none is set)."""
+        from lm_eval.evaluator_utils import get_sample_size
+
+        sizes = {}
+        for name, task_obj in self.tasks.items():
+            n = len(task_obj.eval_docs)
+            limit = get_sample_size(task_obj, self.settings.limit)
+            sizes[name] = n if limit is None else min(n, limit)
+        racing = getattr(self.settings, "racing", None)
+        return racing_math.rounds_of(sizes, racing.rounds if racing else 1, seed=RACING_SEED)
+
+    @property
+    def raceable(self) -> bool:
+        """Whether a partly scored candidate's best case is known: each metric
+        per-document bounded and mean-aggregated, and no custom fitness function."""
+        if getattr(self.settings, "function", None) is not None:
+            return False
+        for spec in self.specs:
+            metric = fitness.metric_name(spec.metric)
+            if "," in metric:
+                return False
+            if not racing_math.can_race(metric, self.tasks[spec.name].aggregation().get(metric)):
+                return False
+        return True
+
+    def run(self, lm, bar: Optional[racing_math.Bar] = None) -> "Scoring":
+        """Score every document round by round, lm-eval scoring each document and
+        its own aggregation making each task's score. With a bar, a candidate
+        whose best case cannot pass it stops after the round that shows it."""
+        per_doc: dict[str, dict[int, dict[str, float]]] = {name: {} for name in self.tasks}
+        bar = bar if bar is not None and self.raceable else None
+        for k, chunk in enumerate(self.plan):
+            got = fitness.score_documents(
+                lm, self.loaded, chunk, apply_chat_template=self.settings.apply_chat_template,
+                fewshot_as_multiturn=self.settings.fewshot_as_multiturn,
+            )
+            for name, docs in got.items():
+                per_doc[name].update(docs)
+            if bar is not None and k + 1 < len(self.plan):
+                best = self.fitness(self._best_case(per_doc))
+                if not racing_math.still_possible(best, bar):
+                    return Scoring(self._partial(per_doc), False, best, self._counted(per_doc))
+        return Scoring(self._aggregate(per_doc), True, None, self._counted(per_doc))
+
+    def _aggregate(self, per_doc) -> Scores:
+        """Each task's metrics over its documents in index order, by the task's
+        own aggregation, exactly as lm-eval's evaluate() makes them."""
+        out: Scores = {}
+        for name, docs in per_doc.items():
+            aggregation = self.tasks[name].aggregation()
+            ordered = [docs[i] for i in sorted(docs)]
+            out[name] = {
+                metric: float(aggregation[metric.split(",")[0]]([d[metric] for d in ordered]))
+                for metric in (ordered[0] if ordered else {})
+            }
+        return out
+
+    def _best_case(self, per_doc) -> Scores:
+        out: Scores = {}
+        for spec in self.specs:
+            metric = fitness.metric_name(spec.metric)
+            docs = per_doc[spec.name]
+            out[spec.name] = {metric: racing_math.best_case(
+                [docs[i][metric] for i in sorted(docs)], self.sizes[spec.name],
+                self.higher_is_better[spec.name], metric, self.tasks[spec.name].aggregation()[metric],
+            )}
+        return out
+
+    def _partial(self, per_doc) -> Scores:
+        """A raced-out candidate's record: each task's metrics over the documents
+        it was scored on, and how many of how many those were."""
+        partial = self._aggregate(per_doc)
+        for name, docs in per_doc.items():
+            partial[name] = {**partial[name], "documents": float(len(docs)), "of": float(self.sizes[name])}
+        return partial
+
+    def _counted(self, per_doc) -> tuple[int, int]:
+        return sum(len(d) for d in per_doc.values()), sum(self.sizes.values())
 
     def fitness(self, scores: Scores) -> float:
-        """Weighted mean of the chosen metrics, each signed so higher is better."""
+        """Weighted mean of the chosen metrics, each signed so higher is better;
+        or fitness.function's value, on the fitness tasks."""
+        name = getattr(self.settings, "function", None)
+        # The function is written for fitness.tasks; a report suite's fitness
+        # (never selected on) keeps the weighted mean rather than handing the
+        # function tasks it does not know.
+        if name is not None and self.specs == tuple(self.settings.tasks):
+            import copy
+            import math
+            import numbers
+
+            from mergekit_evolver.config.evaluation import fitness_function
+
+            try:
+                function = fitness_function(name)
+            except ValueError as error:
+                raise UserError(f"fitness.function: {error}") from None
+            # metric as the scores' key ("acc,none" is "acc"), so scores[t.name][t.metric] holds.
+            tasks = [
+                spec.model_copy(update={
+                    "metric": fitness.metric_name(spec.metric),
+                    "higher_is_better": self.higher_is_better[spec.name],
+                })
+                for spec in self.specs
+            ]
+            try:
+                # A deep copy: what the function does to its arguments never reaches the ledger.
+                value = function(copy.deepcopy(scores), tasks)
+            except Exception as error:
+                raise UserError(f"fitness.function {name} raised {type(error).__name__}: {error}") from error
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+                raise UserError(
+                    f"fitness.function {name} returned {value!r} ({type(value).__name__}); "
+                    "it must return a float that is not NaN"
+                )
+            return float(value)
         total = weight = 0.0
         for spec in self.specs:
             value = scores[spec.name][fitness.metric_name(spec.metric)]
@@ -107,6 +230,11 @@ class Scored:
     content_hash: str
     cached: bool
     seconds: float
+    # Raced out: `scores` are partial and `best` bounds the fitness it could
+    # have reached (racing.py). A complete score has best None.
+    complete: bool = True
+    best: Optional[float] = None
+    documents: Optional[tuple[int, int]] = None  # scored, of (None: from the cache)
 
 
 def check_chat_template(like: Path, settings: EvalSettings) -> None:
@@ -132,9 +260,19 @@ class ResidentModel:
 
         self.device = resolve_device(settings.device)
         dtype = getattr(torch, settings.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            like, dtype=dtype, trust_remote_code=settings.trust_remote_code
-        ).to(self.device)
+        from transformers.utils import logging as hf_logging
+
+        # transformers draws a "Loading weights" bar on stderr, which would
+        # stand beside a run's own lines (and a one-line error).
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                like, dtype=dtype, trust_remote_code=settings.trust_remote_code
+            ).to(self.device)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(
             like, trust_remote_code=settings.trust_remote_code
@@ -169,9 +307,14 @@ class Evaluator:
         self.resident = ResidentModel(like, settings)
         self.cache = cache
 
-    def score(self, state: Mapping[str, torch.Tensor], suite: Suite, digest: Optional[str] = None) -> Scored:
+    def score(
+        self, state: Mapping[str, torch.Tensor], suite: Suite, digest: Optional[str] = None,
+        bar: Optional[racing_math.Bar] = None,
+    ) -> Scored:
         """`digest`: the state's content_hash when already known (the merge-ahead
-        worker computes it while it merges)."""
+        worker computes it while it merges). `bar`: what the candidate must pass
+        to be kept; it is raced against it (racing.py). Only complete scores
+        enter the cache."""
         import time
 
         start = time.perf_counter()
@@ -180,6 +323,10 @@ class Evaluator:
         if hit is not None:
             return Scored(hit, digest, True, time.perf_counter() - start)
         self.resident.load(state)
-        scores = suite.run(self.resident.lm)
-        self.cache.cache_scores(digest, suite.key, scores)
-        return Scored(scores, digest, False, time.perf_counter() - start)
+        scoring = suite.run(self.resident.lm, bar)
+        if scoring.complete:
+            self.cache.cache_scores(digest, suite.key, scoring.scores)
+        return Scored(
+            scoring.scores, digest, False, time.perf_counter() - start,
+            scoring.complete, scoring.best, scoring.documents,
+        )

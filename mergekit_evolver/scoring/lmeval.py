@@ -380,6 +380,41 @@ def run_tasks(
     return {name: _metrics(entry) for name, entry in results["results"].items()}
 
 
+def score_documents(
+    lm,
+    loaded: dict,
+    samples: dict[str, list[int]],
+    *,
+    apply_chat_template: bool | str = False,
+    fewshot_as_multiturn: bool = True,
+    quiet: bool = True,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Score the given documents of each task with lm-eval's own evaluate();
+    task -> document index -> metric -> that document's value (process_results'),
+    keyed like run_tasks' metrics ("acc", or "metric,filter" for other filters)."""
+    from lm_eval.evaluator import evaluate
+
+    wanted = {name: loaded["tasks"][name] for name in samples}
+    with offline(), _quiet(quiet), keep_global_rng():
+        results = evaluate(
+            lm=lm,
+            task_dict={**loaded, "tasks": wanted},
+            samples=samples,
+            bootstrap_iters=0,
+            log_samples=True,
+            apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=fewshot_as_multiturn,
+        )
+    out: dict[str, dict[int, dict[str, float]]] = {name: {} for name in samples}
+    for name, examples in results["samples"].items():
+        for example in examples:
+            values = out[name].setdefault(int(example["doc_id"]), {})
+            suffix = "" if example["filter"] == "none" else "," + example["filter"]
+            for metric in example["metrics"]:
+                values[metric + suffix] = float(example[metric])
+    return out
+
+
 def metric_name(metric: str) -> str:
     """The key scores use: 'acc' and 'acc,none' are 'acc'; other filters stay."""
     name, _, filt = metric.partition(",")

@@ -119,7 +119,7 @@ class Evolver:
         self._snapshot = list(self.members)
         self._pending: dict[int, tuple[str, float]] = {}
         self._asked = self._told = 0
-        self._counts = {"accepted": 0, "invalid": 0, "evaluated": 0}
+        self._counts = {"accepted": 0, "invalid": 0, "raced": 0, "evaluated": 0}
         self._table: Optional[dict[tuple[str, str], float]] = None  # this generation's end
 
     # -- protocol -------------------------------------------------------------
@@ -175,6 +175,7 @@ class Evolver:
         self._counts["evaluated"] += 1
         self._counts["accepted"] += accepted
         self._counts["invalid"] += fitness is None
+        self._counts["raced"] += result.raced
         if accepted and not self.immediate:
             self._pending[proposal.slot] = (proposal.child, fitness)
         elif accepted:
@@ -214,7 +215,7 @@ class Evolver:
         self.generation, self._pos = g + 1, 0
         self._order = self._visiting_order(g + 1)
         self._snapshot = list(self.members)
-        self._counts = {"accepted": 0, "invalid": 0, "evaluated": 0}
+        self._counts = {"accepted": 0, "invalid": 0, "raced": 0, "evaluated": 0}
         self._table = None
         return GenerationEnd(g, stats, line)
 
@@ -277,8 +278,11 @@ class Evolver:
             trial = [member_ref(m) for m in self.members]
             trial[i] = CANDIDATE
             score_in = self.merger_recipe(trial)
+        # The one comparison that decides: its parent's fitness, or the best
+        # merged population's.
+        bar = self.best_merged if self.mode == "merged" else self.fitness[i]
         return Offspring(
-            step=f"g{g:03d}/s{i:02d}/offspring", generation=g, slot=i, recipe=recipe,
+            step=f"g{g:03d}/s{i:02d}/offspring", generation=g, slot=i, recipe=recipe, bar=bar,
             parents=(target, *donors), child=child_id(g, i), like=target, score_in=score_in,
             operator=self.operator, F=self.parameters.get("F"), CR=self.parameters.get("CR"),
             seed=seed, target=target, donors=tuple(donors),

@@ -41,7 +41,7 @@ them deterministically gets a deterministic search.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 from typing import Any, Mapping, Optional, Sequence
 
@@ -265,7 +265,10 @@ class KinshipGreedy:
             self._explore_pending = False
         if self._next >= len(self._queue):
             return None  # every proposal of the round asked; tell them, then end_round()
-        proposal = self._queue[self._next]
+        # A child is kept if it beats the k-th of the running top k, as it
+        # stands now (earlier children of the round were told).
+        bar = self.fitness[self._running[-1]] if len(self._running) >= self.top_k else None
+        proposal = self._queue[self._next] = replace(self._queue[self._next], bar=bar)
         self._next += 1
         return proposal
 

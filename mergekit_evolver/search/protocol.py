@@ -54,15 +54,23 @@ class Proposal:
     CR: Optional[float] = None
     seed: Optional[int] = None
     note: Optional[str] = None
+    # What the candidate must pass to be kept, when the strategy's decision is
+    # that one comparison: fitness > bar (bar_strict) or fitness >= bar. The
+    # loop may then stop scoring it once it cannot pass (exact racing).
+    bar: Optional[float] = None
+    bar_strict: bool = True
 
 
 @dataclass(frozen=True)
 class Result:
     """What the loop learnt of a proposal: its dev fitness (None: invalid, e.g.
-    non-finite weights) and the per-task scores behind it."""
+    non-finite weights) and the per-task scores behind it. A raced-out
+    candidate's fitness is the best it could still have reached, which does
+    not pass its bar, and its scores are partial."""
 
     fitness: Optional[float]
     scores: Mapping[str, Any] = field(default_factory=dict)
+    raced: bool = False
 
     @property
     def valid(self) -> bool:

@@ -61,6 +61,7 @@ class RecipeSpaceSearch(NoInputs):
         self._asked = 0
         self._fitness: list[Optional[float]] = []
         self._rows: list[Optional[float]] = []  # this generation's told fitness (None: invalid)
+        self._raced = 0
         self._initial = False
         self._closing = False  # a generation is over; end_generation() is due
 
@@ -90,7 +91,10 @@ class RecipeSpaceSearch(NoInputs):
         self.used += 1
         fitness = result.fitness
         self._fitness.append(fitness)
-        self._rows.append(fitness)
+        if result.raced:
+            self._raced += 1  # its fitness is a bound, not a score: left out of mean/min
+        else:
+            self._rows.append(fitness)
         self._initial = self._initial or proposal.trial.initial
         better = fitness is not None and (self.best is None or fitness > self.best[0])
         if better:
@@ -100,7 +104,7 @@ class RecipeSpaceSearch(NoInputs):
             # CMA-ES learns from whole generations; a cut-off last one ends the run anyway.
             if len(trials) == self._full or isinstance(self.optimizer, VectorDE):
                 self.optimizer.tell(trials, self._fitness)
-            full = len(self._rows) == self.per_generation
+            full = len(self._rows) + self._raced == self.per_generation
             self._closing = not self.steady or self._initial or full or self.used == self.budget
         return better
 
@@ -113,14 +117,15 @@ class RecipeSpaceSearch(NoInputs):
             "best": self.best[0] if self.best else None,
             "mean": fitness_stats(fits)["mean"],
             "min": fitness_stats(fits)["min"],
-            "evaluated": len(self._rows),
+            "evaluated": len(self._rows) + self._raced,
             "invalid": len(self._rows) - len(fits),
+            "raced": self._raced,
             "evaluations": self.used,
         }
         best = "-" if stats["best"] is None else f"{stats['best']:.4f}"
         end = GenerationEnd(self.generation, stats, f"recipe generation {self.generation}: best {best}, {self.used} candidates scored")
         self.generation += 1
-        self._rows, self._initial, self._closing = [], False, False
+        self._rows, self._raced, self._initial, self._closing = [], 0, False, False
         return end
 
     def result(self) -> Outcome:
@@ -130,7 +135,13 @@ class RecipeSpaceSearch(NoInputs):
         return Outcome(("search_best",), (fitness,), recipe=recipe, best_step=step)
 
     def _proposal(self, trial: Trial, k: int) -> RecipeTrial:
+        # DE keeps a trial at least as fit as its target; CMA-ES ranks every
+        # sample (its update uses the whole ranking), so it has no bar.
+        bar = None
+        if isinstance(self.optimizer, VectorDE) and not trial.initial:
+            bar = float(self.optimizer.fit[trial.slot])
         return RecipeTrial(
+            bar=bar, bar_strict=False,
             step=f"search/e{k:04d}", generation=self.generation, role="search", slot=trial.slot,
             recipe=self.genome.recipe(trial.x), operator=self.operator, seed=self.seed,
             F=None if trial.initial else trial.F, CR=None if trial.initial else trial.CR,

@@ -1,0 +1,69 @@
+"""Exact racing, the pure part: which documents are scored in which round, and
+the best fitness a partly scored candidate could still reach.
+
+A candidate is scored in rounds of seeded, fixed-order chunks of each task's
+documents. After a round, every document not yet scored is taken at the best
+value its metric allows, and the task's own aggregation (lm-eval's) is applied
+to that best case. A candidate whose best case cannot pass its bar is stopped:
+scoring the rest could not change its decision. This is exact only where a
+document's value has a known best and the aggregation cannot grow from a worse
+value: the metrics in BOUNDED, aggregated by lm-eval's mean. Anything else is
+scored in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+# Metrics whose per-document value lies in [0, 1] (lm-eval's acc, acc_norm,
+# exact_match: 0 or 1 per document).
+BOUNDED = {"acc": (0.0, 1.0), "acc_norm": (0.0, 1.0), "exact_match": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class Bar:
+    """What a candidate must do to be kept: beat `value` (strict) or reach it."""
+
+    value: float
+    strict: bool = True
+
+    def passed_by(self, fitness: float) -> bool:
+        return fitness > self.value if self.strict else fitness >= self.value
+
+
+def rounds_of(sizes: Mapping[str, int], rounds: int, seed: int) -> list[dict[str, list[int]]]:
+    """Each task's document indices in a seeded order, cut into `rounds`
+    chunks; chunk k of every task makes round k. Indices within a chunk are
+    sorted, as lm-eval walks documents."""
+    plan: list[dict[str, list[int]]] = [{} for _ in range(rounds)]
+    for offset, (task, n) in enumerate(sorted(sizes.items())):
+        order = np.random.default_rng([seed, offset]).permutation(n)
+        for k in range(rounds):
+            chunk = order[k * n // rounds : (k + 1) * n // rounds]
+            if len(chunk):
+                plan[k][task] = sorted(int(i) for i in chunk)
+    return [r for r in plan if r]
+
+
+def best_case(
+    values: Sequence[float], total: int, higher_is_better: bool, metric: str, aggregate: Callable
+) -> float:
+    """The task's aggregate if each of the `total - len(values)` documents still
+    to score took its metric's best value: the same aggregation over the same
+    number of values, so float rounding cannot put the real outcome above it."""
+    low, high = BOUNDED[metric]
+    best = high if higher_is_better else low
+    return float(aggregate(list(values) + [best] * (total - len(values))))
+
+
+def can_race(metric: str, aggregate: Callable) -> bool:
+    from lm_eval.api.metrics import mean
+
+    return metric in BOUNDED and aggregate is mean
+
+
+def still_possible(best_fitness: Optional[float], bar: Optional[Bar]) -> bool:
+    return bar is None or best_fitness is None or bar.passed_by(best_fitness)

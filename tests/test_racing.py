@@ -1,0 +1,155 @@
+"""Exact racing: a candidate stops once it cannot pass its bar, and every
+decision, accepted score and final model is the one full scoring gives."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergekit_evolver.config import EvolveConfig, FitnessConfig
+from mergekit_evolver.ledger import Ledger, Status
+from mergekit_evolver.run import evolve
+from mergekit_evolver.scoring import lmeval
+from mergekit_evolver.scoring.evaluator import Suite
+from mergekit_evolver.scoring.racing import Bar, rounds_of
+from toy_world import run_config
+
+
+@pytest.fixture(scope="module")
+def world(shared_world):
+    return shared_world  # read only
+
+
+def settings(world, tasks, **racing) -> FitnessConfig:
+    return FitnessConfig(tasks=tasks, include_path=[str(world.include_path)], device="cpu", racing=racing or {})
+
+
+def test_chunked_scoring_equals_simple_evaluate(world):
+    from lm_eval import simple_evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(world.models[1])
+    tokenizer = AutoTokenizer.from_pretrained(world.models[1])
+    lm = lmeval.hflm(model, tokenizer, batch_size=64)
+    suite = Suite(settings(world, ["toy_dev", "toy_test"], rounds=4).tasks, settings(world, ["toy_dev", "toy_test"], rounds=4))
+    assert len(suite.plan) == 4
+    chunked = suite.run(lm)
+    assert chunked.complete and chunked.documents == (60, 60)
+    manager = lmeval.task_manager([str(world.include_path)])
+    with lmeval.offline():
+        reference = simple_evaluate(model=lm, tasks=["toy_dev", "toy_test"], task_manager=manager,
+                                    bootstrap_iters=0, log_samples=False)
+    for task in ("toy_dev", "toy_test"):
+        assert chunked.scores[task]["acc"] == reference["results"][task]["acc,none"]
+
+
+def test_rounds_cover_every_document_once_in_a_seeded_order():
+    plan = rounds_of({"a": 30, "b": 7}, 4, seed=1)
+    for task, n in (("a", 30), ("b", 7)):
+        seen = [i for r in plan for i in r.get(task, [])]
+        assert sorted(seen) == list(range(n))
+    assert rounds_of({"a": 30, "b": 7}, 4, seed=1) == plan != rounds_of({"a": 30, "b": 7}, 4, seed=2)
+
+
+def fake_scores(monkeypatch, outcomes: dict[str, list[float]]):
+    """lm-eval's per-document values replaced by the given 0/1 outcomes, so the
+    race's bookkeeping is tested over many outcomes without a model."""
+    def score_documents(lm, loaded, samples, **kw):
+        return {t: {i: {"acc": outcomes[t][i]} for i in docs} for t, docs in samples.items()}
+
+    monkeypatch.setattr(lmeval, "score_documents", score_documents)
+
+
+@pytest.mark.parametrize("case", ["one task", "lower is better", "weighted tasks"])
+def test_a_candidate_that_could_still_pass_is_never_raced_out(world, monkeypatch, case):
+    tasks = {
+        "one task": ["toy_dev"],
+        "lower is better": [{"name": "toy_dev", "higher_is_better": False}],
+        "weighted tasks": [{"name": "toy_dev", "weight": 1.0}, {"name": "toy_test", "weight": 3.0}],
+    }[case]
+    config = settings(world, tasks, rounds=5)
+    suite = Suite(config.tasks, config)
+    rng = random.Random(7)
+    raced = 0
+    for trial in range(300):
+        p = rng.random()
+        outcomes = {t: [float(rng.random() < p) for _ in range(30)] for t in ("toy_dev", "toy_test")}
+        fake_scores(monkeypatch, outcomes)
+        full = suite.run(None)
+        fitness = suite.fitness(full.scores)
+        bar = Bar(fitness + rng.uniform(-0.3, 0.3), strict=rng.random() < 0.5)
+        result = suite.run(None, bar)
+        if bar.passed_by(fitness):
+            assert result.complete and result.scores == full.scores, (trial, bar, fitness)
+        if not result.complete:
+            raced += 1
+            assert not bar.passed_by(fitness) and not bar.passed_by(result.best)
+            assert result.best >= fitness  # an upper bound on what it would have scored
+            assert result.documents[0] < result.documents[1]
+    assert raced > 30  # the property above was exercised, not vacuous
+
+
+def test_a_metric_without_a_per_document_bound_is_scored_in_full(world, tmp_path):
+    from toy_world import reverse_items, write_task
+    import yaml
+
+    write_task(tmp_path, "toy_ppl", reverse_items(1, 10))
+    spec = yaml.safe_load((tmp_path / "toy_ppl.yaml").read_text())
+    spec["metric_list"] = [{"metric": "acc", "aggregation": "median", "higher_is_better": True}]
+    (tmp_path / "toy_ppl.yaml").write_text(yaml.safe_dump(spec))
+    config = FitnessConfig(tasks=["toy_ppl"], include_path=[str(tmp_path)], device="cpu")
+    assert not Suite(config.tasks, config).raceable
+    config = settings(world, ["toy_dev"])
+    assert Suite(config.tasks, config).raceable
+
+
+STRATEGIES = {
+    "evolver, individual": dict(de__generations=3),
+    # Lower is better in three: the toy models are near chance, where a bar is
+    # rarely out of reach the other way round, and nothing would be raced out.
+    "evolver, merged": dict(de__generations=3, selection={"mode": "merged"}, output={"kind": "merged"},
+                            fitness__tasks=[{"name": "toy_dev", "higher_is_better": False}]),
+    "recipe DE": dict(strategy="recipe", search={"merge_method": "task_arithmetic", "budget": 14, "population_size": 5},
+                      fitness__tasks=[{"name": "toy_dev", "higher_is_better": False}]),
+    "kinship greedy": dict(strategy="kinship_greedy", greedy={"budget": 8, "stop_kinship": None},
+                           fitness__tasks=[{"name": "toy_dev", "higher_is_better": False}]),
+}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_racing_changes_no_decision_and_no_model(world, tmp_path, name):
+    rows, models = {}, {}
+    for mode in ("off", "exact"):
+        config = run_config(world, **STRATEGIES[name])
+        config["fitness"]["racing"] = {"mode": mode, "rounds": 5}
+        config["report"] = {"tasks": [], "baselines": []}
+        out = tmp_path / mode
+        evolve(EvolveConfig.model_validate(config), out, log=lambda _: None)
+        rows[mode] = Ledger(out).candidates()
+        models[mode] = (out / "model/model.safetensors").read_bytes()
+        if mode == "exact":
+            cached = {h for (h,) in Ledger(out).db.execute("SELECT content_hash FROM fitness_cache")}
+    assert models["off"] == models["exact"]
+    assert [r.step for r in rows["off"]] == [r.step for r in rows["exact"]]
+    raced = 0
+    for full, race in zip(rows["off"], rows["exact"]):
+        if race.status == Status.RACED:
+            raced += 1
+            assert full.status in (Status.REJECTED, Status.SCORED), full.step
+            assert race.fitness >= full.fitness  # its bound
+            assert race.content_hash not in cached  # a partial score never enters the cache
+            assert race.dev["toy_dev"]["documents"] < race.dev["toy_dev"]["of"] == 30
+        else:
+            named = lambda r: r.member and Path(r.member).name  # noqa: E731  (run dirs differ)
+            assert (race.status, race.fitness, race.dev, named(race)) == (full.status, full.fitness, full.dev, named(full))
+    assert raced, "nothing was raced out, so nothing was shown"
+
+
+def test_cma_es_is_scored_in_full(world, tmp_path):
+    config = run_config(world, strategy="recipe", search={"merge_method": "task_arithmetic", "optimizer": "cmaes",
+                                                          "budget": 8})
+    config["report"] = {"tasks": [], "baselines": []}
+    evolve(EvolveConfig.model_validate(config), tmp_path / "cma", log=lambda _: None)
+    assert all(r.status == Status.SCORED for r in Ledger(tmp_path / "cma").candidates("search"))
