@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,7 @@ import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 import mergekit_evolver  # noqa: F401  (registers the plugin's merge methods)
-from mergekit_evolver.errors import UserError, exits_cleanly
+from mergekit_evolver.errors import UserError, exits_cleanly, fail
 from mergekit_evolver.kinship.metrics import METRICS
 
 DEFAULT_TESTBED = Path(".testbed")
@@ -19,7 +20,31 @@ DEFAULT_DEMO_RUN = Path("runs/demo")
 DEMO_CONFIG = Path(str(files("mergekit_evolver") / "examples" / "demo.yml"))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsage(click.Group):
+    """click prints a usage error as three lines (Usage, Try, Error); every
+    other bad input here is one line naming the problem, exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()  # the help text, as click gives it
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            fail(f"{where}{e.format_message()} (see --help)")
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineUsage, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(mergekit_evolver.__version__, prog_name="mergekit-evolver")
 def main() -> None:
     """Evolutionary search over mergekit merges, scored with lm-evaluation-harness."""

@@ -120,9 +120,18 @@ def test_a_member_with_nan_weights_is_refused_naming_it(world, tmp_path):
     code, lines = cli("evolve", str(path), "--out", str(tmp_path / "out"))
     assert code == 2 and len(lines) == 1
     assert str(bad) in lines[0] and name in lines[0] and "NaN or Inf" in lines[0]
-    assert Ledger(tmp_path / "out").candidates("member") == [] or all(
-        c.member != str(bad) for c in Ledger(tmp_path / "out").candidates("member"))
-    assert not (tmp_path / "out" / "model").exists()
+    assert not (tmp_path / "out").exists()  # refused at the door
+
+
+def test_a_recipe_member_that_merges_to_nan_is_refused_naming_it(world, tmp_path):
+    config = tiny(world)
+    config["population"]["recipes"] = {"zero": {"merge_method": "linear", "parameters": {"weight": 0.0}}}
+    path = tmp_path / "zero.yml"
+    path.write_text(yaml.safe_dump(config))
+    code, lines = cli("evolve", str(path), "--out", str(tmp_path / "out"))
+    assert code == 2 and len(lines) == 1  # linear with weights 0 divides 0 by 0
+    assert str(tmp_path / "out" / "population" / "recipe_zero") in lines[0] and "NaN or Inf" in lines[0]
+    assert not any(c.step == "init/recipe_zero" for c in Ledger(tmp_path / "out").candidates())
 
 
 @pytest.mark.parametrize("command", ["report", "resume"])

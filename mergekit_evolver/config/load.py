@@ -12,6 +12,33 @@ from mergekit_evolver.config.run_config import EvolveConfig
 from mergekit_evolver.errors import UserError
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """A YAML mapping that names a key twice is refused: PyYAML keeps the last
+    silently, so a pasted-over setting would be dropped without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str):
+    """A user's YAML document; malformed YAML is a UserError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: malformed YAML: {problem}{at}") from None
+
+
 def load_evolve_config(path: str | os.PathLike, evolve_flags: Optional[dict] = None) -> EvolveConfig:
     """A run config, or a mergekit-evolve config mapped onto one; evolve_flags
     are mergekit-evolve's command-line options (for its configs only)."""
@@ -23,7 +50,7 @@ def load_evolve_config(path: str | os.PathLike, evolve_flags: Optional[dict] = N
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except FileNotFoundError:
         raise UserError(f"config not found: {path}") from None
     if not isinstance(data, dict):

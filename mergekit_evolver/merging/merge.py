@@ -17,7 +17,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
 import mergekit_evolver  # noqa: F401  (the plugin's methods must be registered)
-from mergekit_evolver.population.store import StateDict, read_json, require_safetensors
+from mergekit_evolver.population.store import StateDict, check_same_shapes, read_json, require_safetensors
 from mergekit_evolver.recipes.parse import recipe_yaml
 from mergekit_evolver.rng import keep_global_rng
 
@@ -29,15 +29,21 @@ def _check_model_files(config: MergeConfiguration) -> None:
     would unpickle a pytorch_model.bin, and trace back on a cut-short file or
     broken JSON. Not part of parsing: a search parses a recipe per candidate,
     over dirs it has checked already."""
+    weights = []
     for model in config.referenced_models():
         for part in (model.model, model.lora):
             local = os.path.expanduser(part.path) if part is not None else ""
             if not os.path.isdir(local):
                 continue  # a hub id: the index reader's guard covers its download
             # missing_ok: a dir with no weights at all keeps mergekit's own error.
-            require_safetensors(local, missing_ok=True)
+            if require_safetensors(local, missing_ok=True) and part is model.model:
+                weights.append(Path(local))
             if os.path.isfile(os.path.join(local, "config.json")):
                 read_json(Path(local) / "config.json")
+    # A tokenizer setting lets mergekit align vocabulary axes; the rest must match.
+    if weights and config.tokenizer_source is None and config.tokenizer is None:
+        for other in weights[1:]:
+            check_same_shapes(weights[0], other, names_too=False)
 
 
 def merge_to_disk(

@@ -308,6 +308,22 @@ def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_same_shapes(first: Path, other: Path, shapes: Optional[dict] = None, *, names_too: bool = True) -> None:
+    """The same tensors with the same shapes in two model dirs, or one line
+    saying where not (`names_too` False: only the tensors both hold)."""
+    shapes = tensor_shapes(first) if shapes is None else shapes
+    theirs = tensor_shapes(other)
+    if names_too and set(theirs) != set(shapes):
+        diff = sorted(set(theirs) ^ set(shapes))
+        raise UserError(f"models differ in tensors: {first} vs {other}: {diff[:3]}")
+    for name, shape in shapes.items():
+        if name in theirs and theirs[name] != shape:
+            raise UserError(
+                f"models differ in tensor shape: {name} is {list(shape)} in {first} "
+                f"but {list(theirs[name])} in {other}"
+            )
+
+
 def architecture(model_dir: Path) -> str:
     config = read_json(Path(model_dir) / "config.json")
     return ",".join(config.get("architectures") or [config.get("model_type", "?")])

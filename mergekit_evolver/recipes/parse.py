@@ -20,7 +20,9 @@ from mergekit_evolver.stats.store import check_stats_recipe
 def load_merge_config(path: str | os.PathLike) -> tuple[MergeConfiguration, str]:
     """Read and validate a mergekit YAML; returns the config and its source text."""
     source = Path(path).read_text(encoding="utf-8")
-    return parse_merge_config(yaml.safe_load(source), where=str(path)), source
+    from mergekit_evolver.config.load import load_yaml
+
+    return parse_merge_config(load_yaml(source, str(path)), where=str(path)), source
 
 
 def parse_merge_config(data: object, where: str = "merge config") -> MergeConfiguration:
@@ -28,10 +30,76 @@ def parse_merge_config(data: object, where: str = "merge config") -> MergeConfig
         raise UserError(f"{where}: a merge config must be a YAML mapping")
     _check_known_keys(data)
     config = MergeConfiguration.model_validate(data)
+    _check_dtypes(config, where)
     _check_local_models(config)
+    _check_parameters(config, where)
+    # The plugin's own checks first: they name DE donor roles and statistics.
     check_recipe(config)
     check_stats_recipe(config)
+    _check_input_count(config, where)
     return config
+
+
+def _check_dtypes(config: MergeConfiguration, where: str) -> None:
+    from mergekit.common import dtype_from_name
+
+    for field in ("dtype", "out_dtype"):
+        name = getattr(config, field)
+        try:
+            dtype_from_name(name)
+        except RuntimeError:
+            raise UserError(
+                f"{where}: unknown {field} {name!r} (one of bfloat16, float16, float32, float64)"
+            ) from None
+
+
+def _method_spec(config: MergeConfiguration):
+    from mergekit import merge_methods
+
+    try:
+        return merge_methods.get(config.merge_method).spec
+    except RuntimeError:
+        return None  # an unknown method: mergekit names it
+
+
+def _check_parameters(config: MergeConfiguration, where: str) -> None:
+    """mergekit ignores a parameter its method does not take, so a misspelt
+    `crossver:` would merge with the default; refuse it, naming what it takes."""
+    spec = _method_spec(config)
+    if spec is None:
+        return
+    given = set(config.parameters or {})
+    for model in config.models or []:
+        given |= set(model.parameters or {})
+    for piece in config.slices or []:
+        given |= set(piece.parameters or {})
+        for source in piece.sources:
+            given |= set(source.parameters or {})
+    known = [p.name for p in spec.parameters]
+    unknown = sorted(given - set(known))
+    if unknown:
+        raise UserError(
+            f"{where}: {config.merge_method} takes no parameter {', '.join(unknown)} "
+            f"(it takes: {', '.join(known) or 'none'})"
+        )
+
+
+def _check_input_count(config: MergeConfiguration, where: str) -> None:
+    """How many models the method merges, checked before mergekit plans it:
+    mergekit says so only per slice, without naming the recipe."""
+    spec = _method_spec(config)
+    if spec is None or not config.models:
+        return
+    inputs = {str(m.model) for m in config.models}
+    if config.base_model is not None:
+        inputs.add(str(config.base_model))
+    low, high = spec.contract.min_inputs, spec.contract.max_inputs
+    if len(inputs) < (low or 0) or (high is not None and len(inputs) > high):
+        span = f"exactly {low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
+        raise UserError(
+            f"{where}: {config.merge_method} merges {span} models (base_model included); "
+            f"this recipe gives it {len(inputs)}"
+        )
 
 
 def _check_known_keys(data: dict) -> None:

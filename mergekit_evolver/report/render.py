@@ -164,12 +164,14 @@ def report_from_run_dir(run_dir: Path) -> str:
     from mergekit_evolver.config import EvolveConfig
     from mergekit_evolver.errors import UserError
     from mergekit_evolver.ledger import LEDGER_FILE
-    import yaml
 
     run_dir = Path(run_dir)
     if not (run_dir / LEDGER_FILE).is_file():
         raise UserError(f"{run_dir} holds no run")
-    config = EvolveConfig.model_validate(yaml.safe_load((run_dir / "run.yml").read_text()))
+    from mergekit_evolver.config.load import load_yaml
+
+    config_file = run_dir / "run.yml"
+    config = EvolveConfig.model_validate(load_yaml(config_file.read_text(), str(config_file)))
     ledger = Ledger(run_dir)
     try:
         return write_report(run_dir, ledger, config.report.tasks)

@@ -8,7 +8,7 @@ from pathlib import Path
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.ledger import LEDGER_FILE
 from mergekit_evolver.ledger.store import SETUP_DEBRIS, read_meta
-from mergekit_evolver.population.store import architecture, tensor_shapes
+from mergekit_evolver.population.store import architecture, check_same_shapes, tensor_shapes
 
 
 def check_models(config) -> None:
@@ -29,16 +29,7 @@ def check_models(config) -> None:
                 f"models differ in architecture: {first} is {arch}, "
                 f"{path} is {architecture(Path(path))}"
             )
-        other = tensor_shapes(Path(path))
-        if set(other) != set(shapes):
-            diff = sorted(set(other) ^ set(shapes))
-            raise UserError(f"models differ in tensors: {first} vs {path}: {diff[:3]}")
-        for name, shape in shapes.items():
-            if other[name] != shape:
-                raise UserError(
-                    f"models differ in tensor shape: {name} is {list(shape)} in {first} "
-                    f"but {list(other[name])} in {path}"
-                )
+        check_same_shapes(Path(first), Path(path), shapes)
 
 
 def check_run_dir(run_dir: Path, config, resume: bool) -> None:
@@ -60,3 +51,29 @@ def check_run_dir(run_dir: Path, config, resume: bool) -> None:
         raise UserError(f"nothing to resume: {run_dir} holds no run")
     if held:
         raise UserError(f"{run_dir} is not empty and holds no run; choose another --out")
+
+
+def check_filters(filters, model: Path) -> None:
+    """A recipe-search filter names part of a tensor name (mergekit's filter);
+    one that matches no tensor gives no genome coordinates anything to do."""
+    names = tensor_shapes(model)
+    for pattern in filters:
+        if not any(pattern in name for name in names):
+            raise UserError(f"search.filters: {pattern!r} matches no tensor of {model} (e.g. {sorted(names)[0]})")
+
+
+def check_finite(model_dir: Path) -> None:
+    """The check every offspring gets, for a model that enters the run from
+    outside: a member with NaN scores like any other (argmax of NaN
+    log-likelihoods picks choice 0) and could become the output. One tensor
+    at a time, so it holds one tensor, not the model."""
+    from safetensors import safe_open
+
+    from mergekit_evolver.merging.fingerprint import first_non_finite
+    from mergekit_evolver.population.store import require_safetensors
+
+    for shard in require_safetensors(model_dir):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                if first_non_finite({name: handle.get_tensor(name)}) is not None:
+                    raise UserError(f"{model_dir}: tensor {name} holds NaN or Inf; every model of a run must be finite")

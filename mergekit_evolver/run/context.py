@@ -28,9 +28,9 @@ from mergekit_evolver.population.store import (
     load_state,
     read_json,
 )
-from mergekit_evolver.recipes.candidates import population_recipe
+from mergekit_evolver.recipes.candidates import BASELINES_NEED_BASE, baseline_recipes, population_recipe
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
-from mergekit_evolver.run.checks import check_models, check_run_dir
+from mergekit_evolver.run.checks import check_filters, check_finite, check_models, check_run_dir
 from mergekit_evolver.run.executor import InProcess
 from mergekit_evolver.run.observers import observers_from_config
 from mergekit_evolver.scoring.evaluator import (
@@ -72,6 +72,10 @@ class Run:
         self.log = log
         check_run_dir(self.run_dir, config, resume)
         check_models(config)
+        if not (self.run_dir / LEDGER_FILE).exists():
+            # A fresh run: nothing of it exists yet to be refused after.
+            for path in [*config.population.models, *filter(None, [config.population.base_model])]:
+                check_finite(Path(path))
         settings = config.fitness
         self.options = MergeOptions(
             quiet=True,
@@ -138,10 +142,16 @@ class Run:
             strategy = self.strategy(name, members)
             for data in getattr(strategy, "recipes_to_check", lambda: [])():
                 parse_merge_config(data, where=f"{name} (default recipe)")
+        models = [Path(p) for p in pop.models]
         for name, recipe in pop.recipes.items():
-            self.population_recipe(recipe, [Path(p) for p in pop.models], name)
+            self.population_recipe(recipe, models, name)
         if self.config.selection.mode == "merged" or self.config.output.kind == "merged":
-            self.merger_recipe([Path(p) for p in pop.models])
+            self.merger_recipe(models)
+        for name in self.config.report.baselines:
+            if name not in BASELINES_NEED_BASE or pop.base_model:
+                baseline_recipes(name, models, pop.base_model, pop.stats_dirs())
+        if self.config.strategy in ("recipe", "random"):
+            check_filters(self.config.search.filters, models[0])
 
     # -- recipes over the run's models ----------------------------------------
     def merger_recipe(self, paths: list[Path]) -> MergeConfiguration:
@@ -224,12 +234,11 @@ class Run:
         for i, member in enumerate(members):
             def evaluate(member=member, i=i) -> Candidate:
                 state = load_state(member.path)
-                # The check every offspring gets: a member with NaN scores like
-                # any other (argmax of NaN log-likelihoods picks choice 0) and
-                # could become the output.
+                # The models were checked at the door; a population.recipes
+                # member is a merge, which can still come out non-finite.
                 bad = first_non_finite(state)
                 if bad is not None:
-                    raise UserError(f"{member.path}: tensor {bad} holds NaN or Inf; every member must have finite weights")
+                    raise UserError(f"{member.path}: tensor {bad} holds NaN or Inf; every model of a run must be finite")
                 s = self.score(state)
                 return Candidate(
                     step=f"init/{member.id}", generation=0, slot=i, role=Role.MEMBER,
