@@ -242,3 +242,16 @@ def stats_command(model, data, out_dir, kind, max_examples, include_path, split,
         f"wrote {', '.join(kinds)} statistics of {model} "
         f"({collected.n_examples} examples, {collected.gram_tokens or collected.fisher_tokens} tokens) to {path}"
     )
+
+
+@main.command("fuse")
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Fusion dir: work files and model/.")
+@click.option("--resume", is_flag=True, help="Continue the fusion already in --out.")
+@exits_cleanly()
+def fuse_command(config_file: str, out_dir: str, resume: bool) -> None:
+    """FuseLLM-style knowledge fusion: train the target on the sources'
+    next-token distributions (different architectures and vocabularies)."""
+    from mergekit_evolver.fusion import fuse
+
+    click.echo(str(fuse(Path(config_file), Path(out_dir), resume=resume)))
