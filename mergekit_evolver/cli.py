@@ -14,8 +14,21 @@ import mergekit_evolver  # noqa: F401  (registers the plugin's merge methods)
 from mergekit_evolver.errors import UserError, exits_cleanly, fail
 from mergekit_evolver.kinship.metrics import METRICS
 
+# One dir per kind, so switching kinds never rebuilds over another kind's testbed
+# (or resumes a demo run over models that changed under it).
 DEFAULT_TESTBED = Path(".testbed")
 DEFAULT_DEMO_RUN = Path("runs/demo")
+DEFAULT_KIND = "merge_friendly"
+TESTBED_KINDS = ("merge_friendly", "disjoint", "fusion")
+
+
+def testbed_spec(kind: str, width: Optional[int], layers: Optional[int]):
+    from mergekit_evolver.testbed.spec import PRESETS
+
+    try:
+        return PRESETS[kind].sized(width, layers)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 # Package data, so a wheel install has it too.
 DEMO_CONFIG = Path(str(files("mergekit_evolver") / "examples" / "demo.yml"))
 
@@ -108,35 +121,59 @@ def report_command(run_dir: str) -> None:
     click.echo(report_from_run_dir(Path(run_dir)))
 
 
+_kind_option = click.option(
+    "--kind", type=click.Choice(TESTBED_KINDS), default=DEFAULT_KIND, show_default=True,
+    help="merge_friendly: a pretrained base and light fine-tunes (merging keeps skills); "
+         "disjoint: specialists learnt from scratch (merging cannot fuse); "
+         "fusion: sources of different architectures and tokenizers for `fuse`.",
+)
+_width_option = click.option("--width", type=int, default=None, help="Hidden size (MLP 4x, 16-dim heads); default 64.")
+_layers_option = click.option("--layers", type=int, default=None, help="Transformer layers; default 2.")
+
+
 @main.command("testbed")
-@click.argument("out_dir", type=click.Path(file_okay=False), default=str(DEFAULT_TESTBED))
+@click.argument("out_dir", type=click.Path(file_okay=False), required=False)
+@_kind_option
+@_width_option
+@_layers_option
 @click.option("--rebuild", is_flag=True, help="Build again even if OUT_DIR holds a complete testbed.")
 @exits_cleanly()
-def testbed_command(out_dir: str, rebuild: bool) -> None:
-    """Train the CPU testbed (base, specialists, lm-eval tasks) into OUT_DIR.
+def testbed_command(out_dir: Optional[str], kind: str, width: Optional[int], layers: Optional[int], rebuild: bool) -> None:
+    """Train a CPU testbed (base, specialists, multi-task reference, lm-eval
+    tasks) into OUT_DIR (default .testbed/KIND).
 
     Deterministic; reuses a complete testbed already in OUT_DIR unless --rebuild."""
+    out = Path(out_dir) if out_dir else DEFAULT_TESTBED / kind
+    if kind == "fusion":
+        if width is not None or layers is not None:
+            raise UserError("--width and --layers apply to the merge_friendly and disjoint kinds, not fusion")
+        from mergekit_evolver.fusion.testbed import build_fusion_testbed
+
+        build_fusion_testbed(out, reuse=not rebuild)
+        return
     from mergekit_evolver.testbed import build_testbed
 
-    build_testbed(Path(out_dir), reuse=not rebuild)
+    build_testbed(out, testbed_spec(kind, width, layers), reuse=not rebuild)
 
 
 @main.command("demo")
 @click.option(
+    "--kind", type=click.Choice(TESTBED_KINDS[:2]), default=DEFAULT_KIND, show_default=True,
+    help="The testbed to evolve (see `mergekit-evolver testbed --help`).",
+)
+@click.option(
     "--testbed",
     "testbed_dir",
     type=click.Path(file_okay=False),
-    default=str(DEFAULT_TESTBED),
-    show_default=True,
-    help="Where the testbed is built or reused.",
+    default=None,
+    help="Where the testbed is built or reused [default: .testbed/KIND].",
 )
 @click.option(
     "--out",
     "run_dir",
     type=click.Path(file_okay=False),
-    default=str(DEFAULT_DEMO_RUN),
-    show_default=True,
-    help="Run dir; a finished demo there is reused and its table reprinted.",
+    default=None,
+    help="Run dir; a finished demo there is reused and its table reprinted [default: runs/demo/KIND].",
 )
 @click.option(
     "--config",
@@ -147,10 +184,10 @@ def testbed_command(out_dir: str, rebuild: bool) -> None:
     help="The run config; ${TESTBED} in it is the testbed dir.",
 )
 @exits_cleanly()
-def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
+def demo_command(kind: str, testbed_dir: Optional[str], run_dir: Optional[str], config_file: str) -> None:
     """The main job on the embedded testbed: build (or reuse) it, evolve its
     specialists with the packaged examples/demo.yml, and print the comparison table on the
-    held-out test and out-of-domain tasks."""
+    held-out test and out-of-domain tasks, and a one-line verdict."""
     import os
 
     from tqdm import tqdm
@@ -160,7 +197,9 @@ def demo_command(testbed_dir: str, run_dir: str, config_file: str) -> None:
     from mergekit_evolver.run import evolve
     from mergekit_evolver.testbed import build_testbed
 
-    build_testbed(Path(testbed_dir), reuse=True)
+    testbed_dir = testbed_dir or str(DEFAULT_TESTBED / kind)
+    run_dir = run_dir or str(DEFAULT_DEMO_RUN / kind)
+    build_testbed(Path(testbed_dir), testbed_spec(kind, None, None), reuse=True)
     os.environ["TESTBED"] = str(Path(testbed_dir).resolve())
     config = load_evolve_config(config_file)
     resume = (Path(run_dir) / LEDGER_FILE).exists()

@@ -152,3 +152,20 @@ def test_task_vector_space_needs_exactly_one_reference(tmp_path, population, n_r
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kind", "nope"], "Invalid value for '--kind'"),
+        (["--width", "100"], "--width must be a multiple of 16, at least 16; got 100"),
+        (["--layers", "0"], "--layers must be at least 1; got 0"),
+        (["--kind", "fusion", "--width", "128"], "--width and --layers apply to the merge_friendly"),
+    ],
+)
+def test_bad_testbed_options_are_one_line_and_build_nothing(tmp_path, args, message):
+    out = tmp_path / "tb"
+    result = CliRunner().invoke(main, ["testbed", str(out), *args])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from mergekit_evolver.testbed import (
     FAMILIES,
     FULL,
+    MERGE_FRIENDLY,
     TINY,
     TestbedPropertyError,
     TestbedSpec,
@@ -37,7 +38,7 @@ def _items(tb, family: str, split: str) -> list[dict]:
 
 def test_every_model_is_a_safetensors_llama_dir(tiny_testbed):
     models = tiny_testbed.models()
-    assert set(models) == {"base", "average"} | {f"spec_{f}" for f in tiny_testbed.families}
+    assert set(models) == {"base", "average", "multitask"} | {f"spec_{f}" for f in tiny_testbed.families}
     for name, path in models.items():
         names = {p.name for p in path.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names, name
@@ -188,3 +189,65 @@ def test_spec_rejects_unknown_or_misplaced_families():
     with pytest.raises(ValueError, match="more than once"):
         TestbedSpec(name="x", families=("rev", "rev"))
     assert FULL.check_properties and not TINY.check_properties
+
+
+def test_merge_friendly_property_check_names_each_failing_property():
+    fams = MERGE_FRIENDLY.families
+    t = lambda f: f"tb_{f}_test"  # noqa: E731
+    # Base 0.4 everywhere; specialist 0.8 on its own family, 0.35 elsewhere
+    # (mean 0.4625); the average 0.55 on every family: keeps 0.375 of each gain.
+    scores = {
+        "base": {t(f): 0.4 for f in fams},
+        "average": {t(f): 0.55 for f in fams},
+        **{f"spec_{f}": {t(g): 0.8 if g == f else 0.35 for g in fams} for f in fams},
+    }
+    check_properties(scores, MERGE_FRIENDLY)
+    bad = json.loads(json.dumps(scores))
+    bad["base"][t("rev")] = 0.2
+    with pytest.raises(TestbedPropertyError, match=r"\(a\) family 'rev': base 0\.200 is not between chance"):
+        check_properties(bad, MERGE_FRIENDLY)
+    bad = json.loads(json.dumps(scores))
+    bad["spec_count"][t("count")] = 0.5
+    with pytest.raises(TestbedPropertyError, match=r"\(b\) family 'count': specialist gain 0\.100 < 0\.15"):
+        check_properties(bad, MERGE_FRIENDLY)
+    bad = json.loads(json.dumps(scores))
+    bad["average"] = {t(f): 0.42 for f in fams}  # merging does not help
+    with pytest.raises(TestbedPropertyError, match=r"\(c\) .*0\.420 < the best specialist's 0\.463"):
+        check_properties(bad, MERGE_FRIENDLY)
+    bad = json.loads(json.dumps(scores))
+    bad["average"] = {t(f): 0.75 for f in fams}  # keeps 0.875 of every gain: no room
+    with pytest.raises(TestbedPropertyError, match=r"\(d\) .*of 0 specialists, need 2"):
+        check_properties(bad, MERGE_FRIENDLY)
+
+
+def test_merge_friendly_testbed_has_its_properties(tmp_path):
+    """A fresh build of the frozen recipe (about a minute): every property, on
+    the held-out test split, recomputed here from the table."""
+    tb = build_testbed(tmp_path / "mf", MERGE_FRIENDLY, log=None)
+    s = tb.scores
+    t = lambda f: f"tb_{f}_test"  # noqa: E731
+    mean = lambda row: sum(row[t(f)] for f in tb.families) / len(tb.families)  # noqa: E731
+    kept = []
+    for f in tb.families:
+        base, own = s["base"][t(f)], s[f"spec_{f}"][t(f)]
+        assert 0.25 < base < own, f
+        assert own - base >= 0.15, f
+        kept.append((s["average"][t(f)] - base) / (own - base))
+    assert mean(s["average"]) >= max(mean(s[f"spec_{f}"]) for f in tb.families)
+    assert sum(k < 0.7 for k in kept) >= 2, kept
+    # The multi-task reference is trained and scored, never a specialist.
+    assert tb.multitask is not None and (tb.multitask / "model.safetensors").is_file()
+    assert "multitask" in s and "multitask" not in tb.specialists
+
+
+def test_sized_spec_changes_the_model_and_the_name():
+    big = MERGE_FRIENDLY.sized(256, 4)
+    assert (big.hidden_size, big.intermediate_size, big.num_heads, big.num_layers) == (256, 1024, 16, 4)
+    assert big.name == "merge_friendly-w256-l4" and big.kind == "merge_friendly"
+    assert MERGE_FRIENDLY.sized() is MERGE_FRIENDLY
+    with pytest.raises(ValueError, match="multiple of 16"):
+        MERGE_FRIENDLY.sized(100)
+    with pytest.raises(ValueError, match="unknown testbed kind"):
+        dataclasses.replace(FULL, kind="nope")
+    # A spec survives its manifest's JSON.
+    assert TestbedSpec.from_json(json.loads(json.dumps(big.to_json()))) == big

@@ -8,7 +8,7 @@ from typing import Any, Callable, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from mergekit_evolver.config.base import Strict
-from mergekit_evolver.config.paths import expand_path
+from mergekit_evolver.config.paths import expand_path, model_path
 
 
 class TaskSpec(Strict):
@@ -100,8 +100,23 @@ class FitnessConfig(EvalSettings):
         return value
 
 
+class Reference(Strict):
+    """A model scored in the report beside the others, never a member: an upper
+    (or lower) bound such as a multi-task fine-tune. Same architecture and
+    shapes as the population, since it is scored in the same resident model."""
+
+    name: str = Field(min_length=1)
+    model: str
+
+    @field_validator("model")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return model_path(value)
+
+
 class ReportConfig(Strict):
     tasks: list[TaskSpec] = []
+    references: list[Reference] = []
     baselines: list[
         Literal["average", "task_arithmetic", "ties", "dare_ties", "regmean", "fisher"]
     ] = [
@@ -110,3 +125,11 @@ class ReportConfig(Strict):
         "ties",
         "dare_ties",
     ]
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "ReportConfig":
+        names = [r.name for r in self.references]
+        taken = sorted({n for n in names if names.count(n) > 1 or n in self.baselines or n == "evolved"})
+        if taken:
+            raise ValueError(f"report.references: names {taken} are used twice (or by a baseline, or 'evolved')")
+        return self

@@ -118,9 +118,45 @@ def save_plots(run_dir: Path, ledger: Ledger, specs: Sequence[TaskSpec]) -> list
     return written
 
 
-def write_report(run_dir: Path, ledger: Ledger, specs: Sequence[TaskSpec]) -> str:
+FINAL = "evolved"  # the report row of the run's model
+
+
+def verdict(ledger: Ledger, report) -> Optional[str]:
+    """One line: the final model's mean in each task group against the best
+    input and the best baseline there (on held-out scores, so the strongest
+    competitor in each group; references such as a multi-task fine-tune are
+    bounds, not competitors). None without groups or a final row."""
+    rows = {c.note: c for c in ledger.candidates("report")}
+    if FINAL not in rows:
+        return None
+    references = {r.name for r in report.references}
+    baselines = [n for n in report.baselines if n in rows]
+    inputs = [n for n in rows if n not in references and n not in baselines and n != FINAL]
+    parts = []
+    for group, specs in groups(report.tasks).items():
+        mine = group_mean(rows[FINAL], specs)
+        if mine is None:
+            continue
+        said = [f"{group} {mine:.3f}"]
+        for kind, names in (("input", inputs), ("baseline", baselines)):
+            scored = [(group_mean(rows[n], specs), n) for n in names]
+            scored = [(v, n) for v, n in scored if v is not None]
+            if scored:
+                best, name = max(scored)
+                word = "above" if mine > best else "below" if mine < best else "level with"
+                said.append(f"{mine - best:+.3f} {word} the best {kind} ({name} {best:.3f})")
+        parts.append(", ".join(said))
+    return f"verdict: {FINAL} " + "; ".join(parts) if parts else None
+
+
+def write_report(run_dir: Path, ledger: Ledger, report) -> str:
+    """The table (and its verdict line), saved with the plots under run_dir/report."""
+    specs = report.tasks
     header, rows = table_rows(ledger, specs)
     table = markdown_table(header, rows)
+    line = verdict(ledger, report)
+    if line:
+        table += "\n\n" + line
     out = Path(run_dir) / REPORT_DIR
     out.mkdir(exist_ok=True)
     (out / "table.md").write_text(table + "\n", encoding="utf-8")
@@ -174,6 +210,6 @@ def report_from_run_dir(run_dir: Path) -> str:
     config = EvolveConfig.model_validate(load_yaml(config_file.read_text(), str(config_file)))
     ledger = Ledger(run_dir)
     try:
-        return write_report(run_dir, ledger, config.report.tasks)
+        return write_report(run_dir, ledger, config.report)
     finally:
         ledger.close()

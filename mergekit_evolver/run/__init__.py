@@ -13,7 +13,7 @@ from mergekit.config import MergeConfiguration
 from mergekit_evolver.ledger import Candidate, Role, Status
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.recipes.lineage import write_lineage
-from mergekit_evolver.report.render import model_card, write_report
+from mergekit_evolver.report.render import FINAL, model_card, write_report
 from mergekit_evolver.run import finish
 from mergekit_evolver.run.context import CONFIG_FILE, Log, Member, Run
 from mergekit_evolver.run.loop import CandidateLoop
@@ -108,10 +108,11 @@ def _evolve(run: Run, config, log: Log) -> str:
     entries: list[tuple[str, MergeConfiguration | Path]] = [
         (Path(m.path).name if m.id.startswith("m") else m.id, m.path) for m in members
     ]
+    entries += [(ref.name, Path(ref.model)) for ref in config.report.references]
     entries += [(name, recipe) for name, recipe, _ in chosen]
-    entries.append(("evolved", final))
+    entries.append((FINAL, final))
     finish.report(run, entries)
-    table = write_report(run.run_dir, run.ledger, config.report.tasks)
+    table = write_report(run.run_dir, run.ledger, config.report)
     write_lineage(run.run_dir, recipe_yaml(final), run.ledger)
     (model_dir / "README.md").write_text(
         model_card((run.run_dir / CONFIG_FILE).read_text(), table, recipe_yaml(final)),

@@ -21,6 +21,10 @@ def check_models(config) -> None:
             raise UserError(f"model path not found: {path}")
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"not a HF model dir (no config.json): {path}")
+    for ref in config.report.references:
+        if not (Path(ref.model) / "config.json").is_file():
+            raise UserError(f"report.references {ref.name!r}: not a HF model dir (no config.json): {ref.model}")
+        paths.append(ref.model)
     first = paths[0]
     arch, shapes = architecture(Path(first)), tensor_shapes(Path(first))
     for path in paths[1:]:

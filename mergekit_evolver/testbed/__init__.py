@@ -1,7 +1,7 @@
-"""A small, deterministic merging problem trained on CPU in minutes.
+"""Small, deterministic merging problems trained on CPU in minutes.
 
-`build_testbed(out_dir)` trains a tiny Llama base on a mix of synthetic task
-families, one specialist per family, merges their uniform average with mergekit,
+`build_testbed(out_dir, spec)` trains a tiny Llama base on a mix of synthetic task
+families, one specialist per family and a multi-task reference, merges their uniform average with mergekit,
 writes lm-eval tasks (dev for fitness, test for reporting, plus out-of-domain
 compositions) and prints every model's test scores.
 """
@@ -14,7 +14,7 @@ from mergekit_evolver.testbed.properties import (
 )
 from mergekit_evolver.testbed.families import FAMILIES, IN_DOMAIN, OUT_OF_DOMAIN
 from mergekit_evolver.testbed.lmeval_tasks import task_name
-from mergekit_evolver.testbed.spec import FULL, TINY, TestbedSpec
+from mergekit_evolver.testbed.spec import FULL, MERGE_FRIENDLY, PRESETS, TINY, TestbedSpec
 from mergekit_evolver.testbed.store import Testbed, load_testbed
 from mergekit_evolver.testbed.tokenizer import build_tokenizer
 
@@ -22,6 +22,8 @@ __all__ = [
     "FAMILIES",
     "FULL",
     "IN_DOMAIN",
+    "MERGE_FRIENDLY",
+    "PRESETS",
     "OUT_OF_DOMAIN",
     "TINY",
     "Testbed",

@@ -5,7 +5,8 @@ Layout of ``out_dir``::
 
     data/<family>_{dev,test}.jsonl    the items (absolute paths in the YAMLs)
     tasks/tb_<family>_{dev,test}.yaml lm-eval tasks: tasks/ is the include_path
-    models/base, models/spec_<family>, models/average   HF model dirs (safetensors)
+    models/base, models/spec_<family>, models/average, models/multitask
+                                      HF model dirs (safetensors)
     manifest.json                     written last, atomically: spec, paths, scores
 
 A directory with a manifest for the same spec and version is reused as is; one
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mergekit_evolver.testbed.families import get_family, make_splits, training_texts
+from mergekit_evolver.testbed.families import get_family, make_splits, mixture_texts, training_texts
 from mergekit_evolver.testbed.lmeval_tasks import task_name, write_tasks
 from mergekit_evolver.testbed.properties import check_properties, format_table, property_summary
 from mergekit_evolver.testbed.spec import FULL, TestbedSpec
@@ -95,9 +96,15 @@ def _build(root: Path, spec: TestbedSpec, log: Callable[[str], None]) -> Testbed
         base = init_model(cfg, derive_seed(spec.seed, "base", "init"))
         log(f"testbed: training base ({sum(p.numel() for p in base.parameters()):,} parameters)")
         mix = [get_family(f) for f in spec.families]
+        if spec.generic_share or spec.base_weights:
+            base_texts = mixture_texts(
+                mix, spec.base_weights, spec.generic_share, spec.seed, spec.str_len, "base", held_out
+            )
+        else:
+            base_texts = training_texts(mix, spec.seed, spec.str_len, "base", held_out)
         train(
             base,
-            training_texts(mix, spec.seed, spec.str_len, "base", held_out),
+            base_texts,
             steps=spec.base_steps,
             batch_size=spec.batch_size,
             lr=spec.base_lr,
@@ -116,6 +123,18 @@ def _build(root: Path, spec: TestbedSpec, log: Callable[[str], None]) -> Testbed
                 warmup=spec.specialist_warmup,
             )
             _save(model, tokenizer, paths["specialists"][fam])
+        if spec.multitask:
+            log("testbed: training the multi-task reference")
+            model = copy.deepcopy(base)
+            train(
+                model,
+                training_texts(mix, spec.seed, spec.str_len, "multitask", held_out),
+                steps=spec.specialist_steps * len(spec.families),
+                batch_size=spec.batch_size,
+                lr=spec.specialist_lr,
+                warmup=spec.specialist_warmup,
+            )
+            _save(model, tokenizer, paths["multitask"])
     t_train = time.perf_counter() - t0
 
     log("testbed: merging the uniform average with mergekit (linear)")
@@ -128,6 +147,8 @@ def _build(root: Path, spec: TestbedSpec, log: Callable[[str], None]) -> Testbed
     tasks = [task_name(f, "test") for f in all_families]
     models = {"base": paths["base"], **{spec_name(f): p for f, p in paths["specialists"].items()}}
     models["average"] = paths["average"]
+    if spec.multitask:
+        models["multitask"] = paths["multitask"]
     with cpu_training_env():
         scores = {
             name: score_dir(path, tasks, paths["include_path"], batch_size=spec.eval_batch_size)
@@ -151,6 +172,7 @@ def _build(root: Path, spec: TestbedSpec, log: Callable[[str], None]) -> Testbed
         base=paths["base"],
         specialists=dict(paths["specialists"]),
         average=paths["average"],
+        multitask=paths["multitask"] if spec.multitask else None,
         families=spec.families,
         ood_families=spec.ood_families,
         scores=scores,
@@ -190,6 +212,7 @@ def _layout(root: Path, spec: TestbedSpec) -> dict:
         "base": models / "base",
         "specialists": {f: models / spec_name(f) for f in spec.families},
         "average": models / "average",
+        "multitask": models / "multitask",
     }
 
 

@@ -122,6 +122,15 @@ FAMILIES: dict[str, Family] = {
     )
 }
 IN_DOMAIN: tuple[str, ...] = tuple(n for n, f in FAMILIES.items() if not f.ood)
+
+# Training-only operations for a broad pretraining mix (the merge_friendly base):
+# they teach letters, positions and order without being any evaluated family.
+GENERIC: tuple[Family, ...] = (
+    Family("copy", "cpy", lambda x: x, ()),
+    Family("sort", "srt", lambda x: "".join(sorted(x)), ()),
+    Family("rotate", "rtl", _rotl, ()),
+    Family("last", "lst", lambda x: x[-1], ()),
+)
 OUT_OF_DOMAIN: tuple[str, ...] = tuple(n for n, f in FAMILIES.items() if f.ood)
 
 
@@ -202,6 +211,33 @@ def training_texts(
     rng = rng_for(seed, "train", key)
     while True:
         fam = families[rng.randrange(len(families))]
+        x = random_input(rng, length)
+        if x in exclude:
+            continue
+        yield fam.prompt(x), fam.answer(x)
+
+
+def mixture_texts(
+    families: list[Family],
+    weights: tuple[float, ...],
+    generic_share: float,
+    seed: int,
+    length: int,
+    key: str,
+    exclude: set[str],
+) -> Iterator[tuple[str, str]]:
+    """Like `training_texts`, for a pretraining mix: a `generic_share` of the
+    items come from GENERIC, the rest from `families` in proportion to `weights`
+    (uniform when empty)."""
+    rng = rng_for(seed, "train", key)
+    weights = tuple(weights) or (1.0,) * len(families)
+    if len(weights) != len(families):
+        raise ValueError(f"{len(weights)} mixture weights for {len(families)} families")
+    while True:
+        if rng.random() < generic_share:
+            fam = GENERIC[rng.randrange(len(GENERIC))]
+        else:
+            fam = rng.choices(families, weights=weights)[0]
         x = random_input(rng, length)
         if x in exclude:
             continue

@@ -1,7 +1,21 @@
-"""What a testbed is built from: one frozen spec, two presets (FULL and TINY)."""
+"""What a testbed is built from: one frozen spec and its presets.
+
+Two kinds of merging problem:
+
+- ``disjoint`` (FULL): a base near chance on every family and specialists that
+  learn their family from scratch. Every weight average lands near chance, so
+  no merge can fuse skills: it tests selection, not fusion.
+- ``merge_friendly`` (MERGE_FRIENDLY): a base pretrained on a broad mix, with
+  partial skill on every family, and specialists that are light fine-tunes of
+  it, as real fine-tunes of one LLM are. Averaging keeps part of each skill.
+
+Both also train a multi-task fine-tune with the specialists' whole training
+budget: an upper reference for reports, never a population member.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from mergekit_evolver.testbed.families import ALPHABET, IN_DOMAIN, OUT_OF_DOMAIN, get_family
@@ -14,6 +28,7 @@ class TestbedSpec:
     __test__ = False  # not a pytest test class, despite the name
 
     name: str
+    kind: str = "disjoint"  # which properties it must have (properties.py)
     seed: int = 0
     families: tuple[str, ...] = IN_DOMAIN
     ood_families: tuple[str, ...] = OUT_OF_DOMAIN
@@ -33,6 +48,14 @@ class TestbedSpec:
     specialist_steps: int = 300
     specialist_lr: float = 1e-3
     specialist_warmup: int = 10
+    # The base's mix: this share of generic items (families.GENERIC), the rest
+    # from the in-domain families in proportion to base_weights (uniform if empty).
+    # 0 keeps the disjoint kind's uniform draw over the families.
+    generic_share: float = 0.0
+    base_weights: tuple[float, ...] = ()
+    # The multi-task reference: from the base, on all families at once, for
+    # specialist_steps x the number of families (the specialists' total budget).
+    multitask: bool = True
     # Data.
     n_dev: int = 100
     n_test: int = 200
@@ -46,8 +69,20 @@ class TestbedSpec:
     check_properties: bool = True
     min_specialist_gain: float = 0.3
     min_mean_average_gap: float = 0.2
+    # merge_friendly only: the uniform average keeps less than this share of the
+    # gain of at least min_room_families specialists (room for a search).
+    max_kept_gain: float = 0.7
+    min_room_families: int = 2
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown testbed kind {self.kind!r}; known: {list(KINDS)}")
+        if self.base_weights and len(self.base_weights) != len(self.families):
+            raise ValueError(f"{len(self.base_weights)} base_weights for {len(self.families)} families")
+        if not 0 <= self.generic_share < 1:
+            raise ValueError(f"generic_share must be in [0, 1), got {self.generic_share}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if not self.families:
             raise ValueError("a testbed needs at least one in-domain family")
         listed = self.families + self.ood_families
@@ -71,10 +106,59 @@ class TestbedSpec:
         d = asdict(self)
         d["families"] = list(self.families)
         d["ood_families"] = list(self.ood_families)
+        d["base_weights"] = list(self.base_weights)
         return d
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TestbedSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown testbed spec fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def sized(self, width: int | None = None, layers: int | None = None) -> "TestbedSpec":
+        """The same recipe on a larger (or smaller) model: MLP 4x the width,
+        heads of 16 dimensions (at least one)."""
+        if width is None and layers is None:
+            return self
+        changes: dict = {}
+        if width is not None:
+            if width < 16 or width % 16:
+                raise ValueError(f"--width must be a multiple of 16, at least 16; got {width}")
+            changes.update(hidden_size=width, intermediate_size=4 * width, num_heads=width // 16)
+        if layers is not None:
+            if layers < 1:
+                raise ValueError(f"--layers must be at least 1; got {layers}")
+            changes["num_layers"] = layers
+        suffix = f"-w{changes.get('hidden_size', self.hidden_size)}-l{changes.get('num_layers', self.num_layers)}"
+        return dataclasses.replace(self, name=self.name + suffix, **changes)
+
+
+KINDS = ("disjoint", "merge_friendly")
 
 
 FULL = TestbedSpec(name="full")
+
+# Tuned once on seed 0 until its properties held (properties.py), then frozen:
+# a longer base run on a mix that is 95% generic items, weighted toward the two
+# families the model learns slowest (argmax, count), and specialists at a third
+# of the disjoint kind's learning rate for a fifth of its steps.
+MERGE_FRIENDLY = TestbedSpec(
+    name="merge_friendly",
+    kind="merge_friendly",
+    base_steps=600,
+    base_lr=3e-3,
+    base_warmup=30,
+    generic_share=0.95,
+    base_weights=(1.0, 1.0, 3.0, 3.0),
+    specialist_steps=60,
+    specialist_lr=1e-3,
+    specialist_warmup=5,
+    min_specialist_gain=0.15,
+)
+
+PRESETS = {"disjoint": FULL, "merge_friendly": MERGE_FRIENDLY}
 
 TINY = TestbedSpec(
     name="tiny",

@@ -17,7 +17,7 @@ from mergekit_evolver.testbed.lmeval_tasks import task_name
 from mergekit_evolver.testbed.spec import TestbedSpec
 
 MANIFEST = "manifest.json"
-VERSION = 1
+VERSION = 2  # 2: the multi-task reference, testbed kinds
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Testbed:
     base: Path
     specialists: dict[str, Path]
     average: Path
+    multitask: Path | None  # the multi-task reference (an upper bound, never a member)
     families: tuple[str, ...]
     ood_families: tuple[str, ...]
     scores: dict[str, dict[str, float]]
@@ -57,6 +58,7 @@ class Testbed:
             "base": self.base,
             **{spec_name(f): p for f, p in self.specialists.items()},
             "average": self.average,
+            **({"multitask": self.multitask} if self.multitask else {}),
         }
 
     def _known(self, family: str) -> None:
@@ -80,6 +82,7 @@ def write_manifest(tb: Testbed) -> None:
         "base": rel(tb.base),
         "specialists": {f: rel(p) for f, p in tb.specialists.items()},
         "average": rel(tb.average),
+        "multitask": rel(tb.multitask) if tb.multitask else None,
         "scores": tb.scores,
         "table_text": tb.table_text,
     }
@@ -107,8 +110,7 @@ def load_testbed(out_dir: str | os.PathLike, spec: TestbedSpec | None = None) ->
     if data.get("version") != VERSION:
         return None
     try:
-        built = TestbedSpec(**{**data["spec"], "families": tuple(data["spec"]["families"]),
-                               "ood_families": tuple(data["spec"]["ood_families"])})
+        built = TestbedSpec.from_json(data["spec"])
     except (TypeError, ValueError, KeyError):
         return None
     if spec is not None and built != spec:
@@ -120,6 +122,7 @@ def load_testbed(out_dir: str | os.PathLike, spec: TestbedSpec | None = None) ->
         base=root / data["base"],
         specialists={f: root / p for f, p in data["specialists"].items()},
         average=root / data["average"],
+        multitask=root / data["multitask"] if data.get("multitask") else None,
         families=built.families,
         ood_families=built.ood_families,
         scores=data["scores"],
