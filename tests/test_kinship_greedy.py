@@ -153,6 +153,14 @@ def test_a_failed_exploration_stops_the_search():
     assert s.history[-1].stopped == s.stopped and s.history[-1].next is None
 
 
+def test_without_exploration_the_first_stall_stops_the_search():
+    s = strategy(top_k=2, stop_kinship=None, explore=False)
+    proposals = drive(s, lambda p: 0.9 if p.step == "greedy/r001/p00" else 0.0)
+    assert [h.kind for h in s.history] == ["start", "pair", "pair"]
+    assert s.stopped == "no improvement (exploration is off)"
+    assert not any(p.kind == "explore" for p in proposals)
+
+
 def test_a_stall_in_round_one_stops_when_the_best_was_merged_with_everyone():
     # Round 1 merged the best starting member with every other one, and no
     # child survived: nothing is left to explore with.

@@ -171,6 +171,9 @@ class GreedyConfig(Strict):
     max_rounds: int = Field(6, ge=1)
     metric: Literal["pcc", "cos"] = "pcc"
     stop_kinship: Optional[float] = Field(0.9, ge=-1.0, le=1.0)
+    # The exploration round after a stall (merge the best with its least
+    # related member); false stops at the first stall instead.
+    explore: bool = True
     # At most this many merged candidates are scored (None: no cap), so the
     # strategy can be compared with others at the same evaluation budget.
     budget: Optional[int] = Field(None, ge=1)

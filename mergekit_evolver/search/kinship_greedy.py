@@ -16,7 +16,8 @@ proposes pairs to merge and learns from their scores. Rounds:
    starting members and every child that survived a round's selection), not
    counting partners it was already merged with. Discarded children are not
    partners: their weights were never kept. If the exploration child improves
-   the best, pair rounds go on; otherwise the search stops.
+   the best, pair rounds go on; otherwise the search stops. With explore=False
+   (the ablation of this step) a stalled pair round ends the search.
 3. After each round (round 0 too) the search stops, with the first of these
    as its reason: the population's mean pairwise kinship is >= stop_kinship
    (saturation); an exploration round did not improve the best; a stalled pair
@@ -119,6 +120,7 @@ class KinshipGreedy:
         metric: str = "pcc",
         template: Optional[Mapping[str, Any]] = None,
         base_model: Optional[str] = None,
+        explore: bool = True,
     ):
         if len(members) != len(fitness):
             raise ValueError("one fitness per member")
@@ -132,6 +134,7 @@ class KinshipGreedy:
         if bad:
             raise ValueError(f"starting members without a fitness: {bad}")
         self.top_k = top_k
+        self.explore = explore
         self.max_rounds = max_rounds
         self.metric = metric
         # The pair recipe's method and parameters (slerp t=0.5 by default).
@@ -330,6 +333,8 @@ class KinshipGreedy:
             stopped = f"kinship: population mean {kinship:.4f} >= {self.stop_kinship}"
         elif kind == "explore" and not improved:
             stopped = "no improvement: the exploration child did not beat the best"
+        elif kind == "pair" and not improved and not self.explore:
+            stopped = "no improvement (exploration is off)"
         elif kind == "pair" and not improved and not self.explore_partners():
             stopped = "no improvement, and the best has no unmerged partner to explore with"
         elif r >= self.max_rounds:
@@ -403,6 +408,6 @@ def from_config(start: Start) -> KinshipGreedy:
     g = c.greedy
     return KinshipGreedy(
         start.members, start.fitness, top_k=g.top_k, max_rounds=g.max_rounds, budget=g.budget,
-        stop_kinship=g.stop_kinship, metric=g.metric, base_model=c.population.base_model,
+        stop_kinship=g.stop_kinship, metric=g.metric, base_model=c.population.base_model, explore=g.explore,
         template={"merge_method": g.merge_method, "parameters": dict(g.parameters)},
     )
