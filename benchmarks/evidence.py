@@ -37,7 +37,7 @@ from mergekit_evolver.run import evolve
 from mergekit_evolver.testbed import PRESETS, build_testbed
 from recipe_search import GENOME
 from testbed_comparison import specialist_stats
-from testbed_runs import ROOT, fmt, group_means
+from testbed_runs import apply_changes, ROOT, fmt, group_means
 
 BASELINE_ROWS = ["average", "task_arithmetic", "ties", "dare_ties", "regmean", "fisher"]
 DETERMINISTIC = {"Kinship greedy", "Kinship greedy, no exploration"}
@@ -84,11 +84,7 @@ def config_for(change: dict, seed: int, stats: list[str], with_baselines: bool) 
     data["report"]["baselines"] = BASELINE_ROWS if with_baselines else []
     if not with_baselines:
         data["report"].pop("references", None)
-    for key, value in change.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
+    apply_changes(data, change)
     return EvolveConfig.model_validate(data)
 
 

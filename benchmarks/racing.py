@@ -1,13 +1,18 @@
-"""Exact racing against full scoring, side by side in one run: documents
-scored per candidate, search wall time, and whether every decision and the
-final model are the same.
+"""Exact and statistical racing and a subset estimator against full scoring, side by side in one run:
+documents scored per candidate, search wall time, and whether the decisions
+and the final model are the same.
 
-Run: .venv/bin/python benchmarks/racing.py [--testbed .testbed] [--rounds 4] [--runs runs/racing]
+Run: .venv/bin/python benchmarks/racing.py [--testbed .testbed/merge_friendly] [--rounds 4]
+     [--confidence 0.95] [--runs runs/racing]
 
-Three searches on the testbed, each with `fitness.racing.mode: off` then
-`exact`: the demo's Evolver (mergekit_evolver/examples/demo.yml), recipe DE
-(examples/recipe.yml) and kinship greedy (slerp, top 3, the demo's budget).
-Baselines and the report are left out; only the search is compared.
+Three searches on the testbed, each with `fitness.racing.mode: off`, `exact`
+and `statistical`, and with `fitness.subset: {share: 0.25}` (exact racing on top): the demo's Evolver (mergekit_evolver/examples/demo.yml),
+recipe DE (examples/recipe.yml) and kinship greedy (slerp, top 3, the demo's
+budget). Baselines are left out; the report scores the final model on the
+in-domain test tasks (its column), so a subset run's model can be compared.
+Statistical racing's decisions are compared step by step with full scoring's
+over the steps both runs made (its search may take another path after the
+first decision that differs).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ EXAMPLES = ROOT / "mergekit_evolver" / "examples"
 SEARCH_ROLES = {"offspring", "search"}
 
 
-def configs(rounds: int) -> dict[str, dict]:
+def configs(rounds: int, confidence: float) -> dict[str, dict]:
     demo = load_yaml((EXAMPLES / "demo.yml").read_text(), "demo.yml")
     recipe = load_yaml((EXAMPLES / "recipe.yml").read_text(), "recipe.yml")
     greedy = copy.deepcopy(demo)
@@ -38,14 +43,18 @@ def configs(rounds: int) -> dict[str, dict]:
                         "budget": demo["de"]["generations"] * len(demo["population"]["models"])}
     out = {"Evolver (demo)": demo, "recipe DE": recipe, "kinship greedy": greedy}
     for config in out.values():
-        config["report"] = {"tasks": [], "baselines": []}
-        config["fitness"]["racing"] = {"rounds": rounds}
+        tests = [t for t in config["report"]["tasks"] if (t["group"] if isinstance(t, dict) else "") == "in_domain"]
+        config["report"] = {"tasks": tests, "baselines": []}
+        config["fitness"]["racing"] = {"rounds": rounds, "confidence": confidence}
     return out
 
 
 def run(config: dict, mode: str, out: Path) -> dict:
     config = copy.deepcopy(config)
-    config["fitness"]["racing"]["mode"] = mode
+    if mode == "subset":
+        config["fitness"]["subset"] = {"share": 0.25}
+    else:
+        config["fitness"]["racing"]["mode"] = mode
     shutil.rmtree(out, ignore_errors=True)
     # ${TESTBED} in the example configs is expanded when the config is validated.
     parsed = EvolveConfig.model_validate(yaml.safe_load(yaml.safe_dump(config)))
@@ -55,13 +64,15 @@ def run(config: dict, mode: str, out: Path) -> dict:
     rows = [c for c in Ledger(out).candidates() if c.role in SEARCH_ROLES]
     docs = 0
     for c in rows:
-        if c.status == Status.RACED:
+        if c.status == Status.RACED or any(v.get("estimated") for v in c.dev.values()):
             docs += sum(int(v["documents"]) for v in c.dev.values())
         elif c.status != Status.INVALID:
             docs += full_size(parsed)
     decisions = [(c.step, c.status == Status.ACCEPTED) for c in rows]
+    final = Ledger(out).find("report/evolved")
+    test = sum(v["acc"] for v in final.test.values()) / len(final.test)
     return dict(seconds=seconds, docs=docs, candidates=len(rows),
-                raced=sum(c.status == Status.RACED for c in rows), decisions=decisions,
+                raced=sum(c.status == Status.RACED for c in rows), decisions=decisions, test=test,
                 model=(out / "model" / "model.safetensors").read_bytes())
 
 
@@ -79,23 +90,28 @@ full_size.cache = {}
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0], "runs/racing", rounds=4)
+    args = parse_args(__doc__.split("\n")[0], "runs/racing", rounds=4, confidence=0.95)
     testbed_for(args)
     rows = []
-    for name, config in configs(args.rounds).items():
-        off = run(config, "off", Path(args.runs) / name.replace(" ", "_") / "off")
-        exact = run(config, "exact", Path(args.runs) / name.replace(" ", "_") / "exact")
-        same = off["decisions"] == exact["decisions"] and off["model"] == exact["model"]
-        rows.append((name, off, exact, same))
-    print(f"\nrounds: {args.rounds}; documents per candidate are summed over the dev tasks")
-    print("| search | candidates | raced out | documents scored, exact / off | run time off → exact (ratio) | same decisions and model |")
-    print("|---|---|---|---|---|---|")
-    for name, off, exact, same in rows:
-        share = exact["docs"] / off["docs"]
-        print(
-            f"| {name} | {exact['candidates']} | {exact['raced']} | {exact['docs']} / {off['docs']} = **{share:.3f}** "
-            f"| {off['seconds']:.1f} s → {exact['seconds']:.1f} s ({exact['seconds'] / off['seconds']:.3f}) | {'yes' if same else 'NO'} |"
-        )
+    for name, config in configs(args.rounds, args.confidence).items():
+        where = Path(args.runs) / name.replace(" ", "_")
+        results = {mode: run(config, mode, where / mode) for mode in ("off", "exact", "statistical", "subset")}
+        rows.append((name, results))
+    print(f"\nrounds: {args.rounds}; confidence {args.confidence}; documents are summed over the dev tasks")
+    print("| search | mode | candidates | raced out | documents scored (share of off) | run time (ratio to off) "
+          "| decisions the same as off | same model | final model, in-domain test |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, results in rows:
+        off = results["off"]
+        for mode, r in results.items():
+            theirs = dict(off["decisions"])
+            common = [(step, acc) for step, acc in r["decisions"] if step in theirs]
+            agree = sum(theirs[step] == acc for step, acc in common)
+            print(
+                f"| {name} | {mode} | {r['candidates']} | {r['raced']} | {r['docs']} ({r['docs'] / off['docs']:.3f}) "
+                f"| {r['seconds']:.1f} s ({r['seconds'] / off['seconds']:.3f}) | {agree}/{len(common)} "
+                f"| {'yes' if r['model'] == off['model'] else 'no'} | {r['test']:.3f} |"
+            )
 
 
 if __name__ == "__main__":

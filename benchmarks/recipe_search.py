@@ -33,7 +33,7 @@ import yaml
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.run import evolve
-from testbed_runs import fmt, group_means, parse_args, testbed_for
+from testbed_runs import apply_changes, fmt, group_means, parse_args, testbed_for
 
 GENOME = {"merge_method": "task_arithmetic", "layer_granularity": 1, "filters": ["self_attn", "mlp"]}
 
@@ -62,11 +62,7 @@ def config_for(change: dict, seed: int, config_file: Path) -> EvolveConfig:
     data = copy.deepcopy(yaml.safe_load(os.path.expandvars(config_file.read_text())))
     data["seed"] = seed
     data["report"]["baselines"] = []
-    for key, value in change.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
+    apply_changes(data, change)
     return EvolveConfig.model_validate(data)
 
 

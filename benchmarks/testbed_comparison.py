@@ -22,7 +22,7 @@ from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.run import evolve
 from mergekit_evolver.stats.collect import Source, collect_to_dir
-from testbed_runs import fmt, group_means, parse_args, testbed_for
+from testbed_runs import apply_changes, fmt, group_means, parse_args, testbed_for
 
 
 VARIANTS = {
@@ -66,11 +66,7 @@ def config_for(variant: dict, seed: int, stats: list[str], config_file: Path) ->
     data["seed"] = seed
     data["population"]["stats"] = stats
     data["report"]["baselines"] = ["average", "task_arithmetic", "ties", "dare_ties", "regmean", "fisher"]
-    for key, value in variant.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
+    apply_changes(data, variant)
     if data.get("strategy") == "kinship_greedy":
         data["greedy"]["budget"] = data["de"]["generations"] * len(data["population"]["models"])
     return EvolveConfig.model_validate(data)

@@ -8,17 +8,18 @@ import statistics
 from pathlib import Path
 
 from mergekit_evolver.config import EvolveConfig
-from mergekit_evolver.testbed import build_testbed
+from mergekit_evolver.testbed import PRESETS, build_testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(description: str, runs: str, **extra) -> argparse.Namespace:
-    """--seeds, --runs, --testbed, --config, plus `extra` (name -> default)."""
+    """--seeds, --runs, --kind, --testbed, --config, plus `extra` (name -> default)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--runs", default=runs)
-    parser.add_argument("--testbed", default=".testbed")
+    parser.add_argument("--kind", default="merge_friendly", choices=sorted(PRESETS))
+    parser.add_argument("--testbed", default=None, help="default: .testbed/KIND")
     parser.add_argument("--config", default=str(ROOT / "mergekit_evolver" / "examples" / "demo.yml"))
     for name, default in extra.items():
         parser.add_argument(f"--{name}", type=type(default), default=default)
@@ -29,9 +30,20 @@ def parse_args(description: str, runs: str, **extra) -> argparse.Namespace:
 
 def testbed_for(args: argparse.Namespace):
     """Build or reuse the testbed, and point ${TESTBED} in configs at it."""
-    testbed = build_testbed(Path(args.testbed), reuse=True, log=lambda *_: None)
+    where = Path(args.testbed) if args.testbed else Path(".testbed") / args.kind
+    testbed = build_testbed(where, PRESETS[args.kind], reuse=True, log=lambda *_: None)
     os.environ["TESTBED"] = str(testbed.root.resolve())
     return testbed
+
+
+def apply_changes(data: dict, change: dict) -> None:
+    """A contender's config changes over a base config: a section's keys
+    are updated one by one, a plain value replaces the setting."""
+    for key, value in change.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
 
 
 def group_means(candidate, config: EvolveConfig) -> dict[str, float]:

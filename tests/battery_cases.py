@@ -341,6 +341,13 @@ def _cases() -> None:
         ("search-budget-zero", "search", {"budget": 0}, "search.budget: Input should be greater than or equal to 1"),
         ("search-F-out-of-range", "search", {"F": 3}, "search.F: Input should be less than or equal to 2"),
         ("one-model", "population", {"models": ["{m0}"]}, "population.models: List should have at least 2 items"),
+        ("subset-share-one", "fitness", {"subset": {"share": 1.0}}, "fitness.subset.share: Input should be less than 1"),
+        ("confidence-half", "fitness", {"racing": {"mode": "statistical", "confidence": 0.5}},
+         "fitness.racing.confidence: Input should be greater than 0.5"),
+        ("reference-missing", "report", {"references": [{"name": "mt", "model": "/nonexistent/mt"}]},
+         "report.references 'mt': not a HF model dir (no config.json): /nonexistent/mt"),
+        ("reference-twice", "report", {"references": [{"name": "average", "model": "/x"}]},
+         "report.references: names ['average'] are used twice"),
     ]:
         def make(c, section=section, values=values):
             values = {k: ([str(c.world.models[0])] if v == ["{m0}"] else v) for k, v in values.items()}

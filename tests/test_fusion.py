@@ -628,3 +628,42 @@ def test_resume_with_a_vanished_source_changes_nothing(world, tmp_path, monkeypa
         fuse(cfg, out, True, log=None)
     assert "\n" not in str(caught.value)
     assert _snapshot(out) == before
+
+
+def test_a_fuse_section_fuses_first_and_the_fused_model_joins_the_search(tmp_path):
+    """FuseChat's order in one run config: fuse, then evolve with the fused
+    target as the population's last model; a second run finds the fusion done."""
+    from mergekit_evolver.config import EvolveConfig
+    from mergekit_evolver.errors import UserError
+    from mergekit_evolver.fusion.testbed import build_fusion_testbed, example_config
+    from mergekit_evolver.ledger import Ledger
+    from mergekit_evolver.run import evolve
+    from mergekit_evolver.testbed import task_name
+
+    tb = build_fusion_testbed(tmp_path / "tb", seed=0, log=None, source_steps=2, target_steps=2)
+    fusion = example_config(tb.target, tb.sources, tb.corpus, 0, steps=2, checkpoint_every=1, batch_size=4)
+    data = {
+        "seed": 0,
+        "fuse": {"config": fusion, "out": str(tmp_path / "fused")},
+        "population": {"models": [str(tb.sources["llama_rev"]), str(tb.target)], "base_model": str(tb.target)},
+        "de": {"generations": 1, "F": 0.5, "CR": 0.9},
+        "fitness": {"tasks": [task_name(f, "dev") for f in tb.families.values()],
+                    "include_path": str(tb.include_path), "device": "cpu"},
+        "report": {"tasks": [], "baselines": []},
+    }
+    config = EvolveConfig.model_validate(data)
+    fused = str(tmp_path / "fused" / "model")
+    assert config.population.models[-1] == fused and len(config.population.models) == 3
+    lines: list[str] = []
+    evolve(config, tmp_path / "run", log=lines.append)
+    assert (Path(fused) / "model.safetensors").is_file()
+    starting = [c.member for c in Ledger(tmp_path / "run").candidates() if c.step.startswith("init/m")]
+    assert fused in starting
+    again: list[str] = []
+    evolve(EvolveConfig.model_validate(data), tmp_path / "run2", log=again.append)
+    assert any("already complete" in line for line in again)
+    inside = {**data, "fuse": {"config": fusion, "out": str(tmp_path / "run3" / "fused")}}
+    with pytest.raises(UserError, match="is inside the run dir"):
+        evolve(EvolveConfig.model_validate(inside), tmp_path / "run3")
+    with pytest.raises(Exception, match="lambda must be in"):
+        EvolveConfig.model_validate({**data, "fuse": {"config": {**fusion, "lambda": 2.0}, "out": str(tmp_path / "x")}})

@@ -14,7 +14,7 @@ from mergekit_evolver.ledger import Ledger, Status
 from mergekit_evolver.run import evolve
 from mergekit_evolver.scoring import lmeval
 from mergekit_evolver.scoring.evaluator import Suite
-from mergekit_evolver.scoring.racing import Bar, rounds_of
+from mergekit_evolver.scoring.racing import Bar, best_case, confident_best, rounds_of
 from toy_world import run_config
 
 
@@ -62,6 +62,17 @@ def fake_scores(monkeypatch, outcomes: dict[str, list[float]]):
     monkeypatch.setattr(lmeval, "score_documents", score_documents)
 
 
+def random_candidates(monkeypatch, suite, rng, trials=300):
+    """Candidates of random skill on 30 documents a task, each with its full
+    score, its fitness and a random bar near it (strict or not)."""
+    for _ in range(trials):
+        p = rng.random()
+        fake_scores(monkeypatch, {t: [float(rng.random() < p) for _ in range(30)] for t in ("toy_dev", "toy_test")})
+        full = suite.run(None)
+        fitness = suite.fitness(full.scores)
+        yield full, fitness, Bar(fitness + rng.uniform(-0.3, 0.3), strict=rng.random() < 0.5)
+
+
 @pytest.mark.parametrize("case", ["one task", "lower is better", "weighted tasks"])
 def test_a_candidate_that_could_still_pass_is_never_raced_out(world, monkeypatch, case):
     tasks = {
@@ -71,15 +82,8 @@ def test_a_candidate_that_could_still_pass_is_never_raced_out(world, monkeypatch
     }[case]
     config = settings(world, tasks, rounds=5)
     suite = Suite(config.tasks, config)
-    rng = random.Random(7)
     raced = 0
-    for trial in range(300):
-        p = rng.random()
-        outcomes = {t: [float(rng.random() < p) for _ in range(30)] for t in ("toy_dev", "toy_test")}
-        fake_scores(monkeypatch, outcomes)
-        full = suite.run(None)
-        fitness = suite.fitness(full.scores)
-        bar = Bar(fitness + rng.uniform(-0.3, 0.3), strict=rng.random() < 0.5)
+    for trial, (full, fitness, bar) in enumerate(random_candidates(monkeypatch, suite, random.Random(7))):
         result = suite.run(None, bar)
         if bar.passed_by(fitness):
             assert result.complete and result.scores == full.scores, (trial, bar, fitness)
@@ -89,6 +93,61 @@ def test_a_candidate_that_could_still_pass_is_never_raced_out(world, monkeypatch
             assert result.best >= fitness  # an upper bound on what it would have scored
             assert result.documents[0] < result.documents[1]
     assert raced > 30  # the property above was exercised, not vacuous
+
+
+def test_statistical_bound_is_serfling_and_never_looser_than_exact():
+    from lm_eval.api.metrics import mean
+
+    values = [1.0] * 30 + [0.0] * 70  # 100 of 400 seen, mean 0.3
+    eps = (1 - 99 / 400) ** 0.5 * (__import__("math").log(1 / 0.05) / 200) ** 0.5
+    assert confident_best(values, 400, True, "acc", mean, 0.05) == pytest.approx(0.3 + eps)
+    assert confident_best(values, 400, False, "acc", mean, 0.05) == pytest.approx(0.3 - eps)
+    # Near the end the exact best case is tighter, and is taken.
+    late = [0.0] * 398
+    assert confident_best(late, 400, True, "acc", mean, 0.05) == best_case(late, 400, True, "acc", mean)
+    assert confident_best([], 400, True, "acc", mean, 0.05) == 1.0
+    assert confident_best([1.0] * 400, 400, True, "acc", mean, 0.05) == 1.0
+
+
+@pytest.mark.parametrize("case", ["one task", "lower is better", "weighted tasks"])
+def test_statistical_racing_stops_sooner_and_errs_rarely(world, monkeypatch, case):
+    """Over many candidates below and above their bars: statistical racing
+    scores fewer documents than exact racing, never stops a candidate whose
+    seen documents alone pass the bar, and wrongly stops one that would have
+    passed in well under 1 - confidence of the cases."""
+    tasks = {
+        "one task": ["toy_dev"],
+        "lower is better": [{"name": "toy_dev", "higher_is_better": False}],
+        "weighted tasks": [{"name": "toy_dev", "weight": 1.0}, {"name": "toy_test", "weight": 3.0}],
+    }[case]
+    exact = Suite(settings(world, tasks, rounds=5).tasks, settings(world, tasks, rounds=5))
+    config = settings(world, tasks, rounds=5, mode="statistical", confidence=0.95)
+    stat = Suite(config.tasks, config)
+    docs = {"exact": 0, "statistical": 0}
+    wrong = passing = 0
+    for full, fitness, bar in random_candidates(monkeypatch, exact, random.Random(11)):
+        docs["exact"] += exact.run(None, bar).documents[0]
+        result = stat.run(None, bar)
+        docs["statistical"] += result.documents[0]
+        if result.complete:
+            assert result.scores == full.scores
+        else:
+            assert not bar.passed_by(result.best)
+        if bar.passed_by(fitness):
+            passing += 1
+            wrong += not result.complete
+    assert docs["statistical"] < docs["exact"]
+    assert passing > 50 and wrong / passing < 0.05, (wrong, passing)
+
+
+def test_racing_config_refuses_a_confidence_outside_its_range():
+    from pydantic import ValidationError
+
+    from mergekit_evolver.config.evaluation import RacingConfig
+
+    for bad in (0.5, 1.0, 1.5):
+        with pytest.raises(ValidationError, match="confidence"):
+            RacingConfig(mode="statistical", confidence=bad)
 
 
 def test_a_metric_without_a_per_document_bound_is_scored_in_full(world, tmp_path):
@@ -106,7 +165,7 @@ def test_a_metric_without_a_per_document_bound_is_scored_in_full(world, tmp_path
 
 
 STRATEGIES = {
-    "evolver, individual": dict(de__generations=3),
+    "evolver, individual": dict(de__generations=3, fitness__tasks=[{"name": "toy_dev", "higher_is_better": False}]),
     # Lower is better in three: the toy models are near chance, where a bar is
     # rarely out of reach the other way round, and nothing would be raced out.
     "evolver, merged": dict(de__generations=3, selection={"mode": "merged"}, output={"kind": "merged"},

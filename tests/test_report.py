@@ -55,3 +55,13 @@ def test_reference_names_must_be_distinct(tmp_path):
     ref = {"name": "ties", "model": str(tmp_path)}
     with pytest.raises(ValidationError, match=r"names \['ties'\] are used twice"):
         ReportConfig.model_validate({"references": [ref], "baselines": ["ties"]})
+
+
+def test_input_labels_tell_apart_models_whose_dirs_share_a_name():
+    from pathlib import Path
+
+    from mergekit_evolver.run import member_labels
+
+    paths = [Path("/r/fused/model"), Path("/r/clm_only/model"), Path("/r/spec_rev")]
+    assert member_labels(paths) == ["fused/model", "clm_only/model", "spec_rev"]
+    assert member_labels([Path("/a/m"), Path("/a/m")]) == ["/a/m", "/a/m"]  # the same dir twice

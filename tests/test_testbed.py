@@ -132,6 +132,31 @@ def test_same_seed_gives_bit_identical_files(tiny_testbed, tmp_path, monkeypatch
     assert again.scores == tiny_testbed.scores
 
 
+def test_the_pretraining_mix_is_deterministic_and_changes_the_base(tiny_testbed, tmp_path):
+    """The merge_friendly kind's base mix (generic items, family weights) at TINY size."""
+    mixed = dataclasses.replace(TINY, kind="merge_friendly", generic_share=0.9, base_weights=(1.0, 1.0, 3.0, 3.0))
+    one = build_testbed(tmp_path / "one", mixed, log=None)
+    two = build_testbed(tmp_path / "two", mixed, log=None)
+    for name, path in one.models().items():
+        assert (path / "model.safetensors").read_bytes() == (two.models()[name] / "model.safetensors").read_bytes(), name
+    a = load_file(one.base / "model.safetensors")
+    b = load_file(tiny_testbed.base / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the mix is what it trained on
+
+
+def test_mixture_draws_generic_items_at_their_share():
+    from mergekit_evolver.testbed.families import GENERIC, get_family, mixture_texts
+
+    fams = [get_family(f) for f in ("rev", "shift", "argmax", "count")]
+    stream = mixture_texts(fams, (1.0, 1.0, 3.0, 3.0), 0.9, 0, 5, "base", set())
+    ops = [next(stream)[0].split(":")[0] for _ in range(4000)]
+    generic = sum(op in {g.op for g in GENERIC} for op in ops) / len(ops)
+    assert abs(generic - 0.9) < 0.02
+    assert ops.count("amx") > 2 * ops.count("rev")  # weighted 3:1
+    with pytest.raises(ValueError, match="3 mixture weights for 4 families"):
+        next(mixture_texts(fams, (1.0, 1.0, 1.0), 0.5, 0, 5, "base", set()))
+
+
 def test_another_seed_gives_other_weights_and_items(tiny_testbed, tmp_path):
     other = build_testbed(tmp_path / "other", dataclasses.replace(TINY, seed=1), log=None)
     a = load_file(tiny_testbed.base / "model.safetensors")

@@ -4,6 +4,7 @@
     base             Strict, the base of every section; rule(), a cross-section check as a validator
     recipe_template  RecipeTemplate: selection.merger and population.recipes
     evaluation       TaskSpec, EvalSettings, FitnessConfig (fitness_function), ReportConfig
+    executor         ExecutorConfig: in-process or Ray actors
     logging          LoggingConfig: the experiment loggers (wandb, tensorboard)
     population       PopulationConfig
     strategies       DEConfig, SelectionConfig, KinshipConfig, GreedyConfig, SearchConfig, OutputConfig
@@ -19,6 +20,7 @@ from mergekit_evolver.config.evaluation import (
     TaskSpec,
     fitness_function,
 )
+from mergekit_evolver.config.executor import ExecutorConfig
 from mergekit_evolver.config.logging import LoggingConfig, TensorBoardConfig, WandbConfig
 from mergekit_evolver.config.load import load_evolve_config
 from mergekit_evolver.config.paths import expand_path, model_path
@@ -39,6 +41,7 @@ __all__ = [
     "DEConfig",
     "EvalSettings",
     "EvolveConfig",
+    "ExecutorConfig",
     "FitnessConfig",
     "GreedyConfig",
     "KinshipConfig",

@@ -73,18 +73,34 @@ def fitness_function(spec: str) -> Callable[..., Any]:
 
 
 class RacingConfig(Strict):
-    """Exact racing (scoring/racing.py): a candidate is scored in `rounds`
-    seeded chunks of each task's documents and stopped once it cannot pass its
-    bar. `off` scores every candidate in full, in the same rounds, so the two
-    make the same decisions and the same model."""
+    """Racing (scoring/racing.py): a candidate is scored in `rounds` seeded
+    chunks of each task's documents and stopped once it cannot pass its bar.
+    `exact` stops only when no remaining documents could lift it over the bar,
+    so it makes the decisions full scoring makes; `off` scores every candidate
+    in full, in the same rounds. `statistical` stops once the bar is out of
+    reach with probability `confidence` (a Hoeffding-Serfling bound per task,
+    union-bounded over the tasks): cheaper, and some decisions may differ."""
 
-    mode: Literal["exact", "off"] = "exact"
+    mode: Literal["exact", "off", "statistical"] = "exact"
     rounds: int = Field(4, ge=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+
+class SubsetConfig(Strict):
+    """Subset estimation (scoring/subset.py): candidates are first scored on
+    a seeded `share` of each task's documents, stratified by how the initial
+    members did on them. A candidate whose estimate cannot pass its bar is
+    rejected on it; one that passes is scored in full; one without a bar and
+    kept by no one (CMA-ES, random search, a recipe candidate) is ranked on
+    its estimate. Members, the final model and the report get full scores."""
+
+    share: float = Field(0.25, gt=0.0, lt=1.0)
 
 
 class FitnessConfig(EvalSettings):
     tasks: list[TaskSpec] = Field(min_length=1)
     racing: RacingConfig = RacingConfig()
+    subset: Optional[SubsetConfig] = None
     # "module:callable", called as function(scores, tasks) -> float, higher is
     # better, instead of the weighted mean of `tasks`' metrics. scores: task
     # name -> {metric: value}, as the ledger keeps them ("acc"; a metric under

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 import yaml
 from pydantic import Field, field_validator
 
 from mergekit_evolver.config.base import Strict, rule
 from mergekit_evolver.config.evaluation import FitnessConfig, ReportConfig
+from mergekit_evolver.config.executor import ExecutorConfig
+from mergekit_evolver.config.fuse_section import FuseSection, fused_model_joins_population
 from mergekit_evolver.config.logging import LoggingConfig
 from mergekit_evolver.config.population import PopulationConfig, stats_dir_per_model
 from mergekit_evolver.config.strategies import (
@@ -30,7 +33,7 @@ from mergekit_evolver.config.strategies import (
 )
 
 # EvolveConfig fields that change how a run executes, never what it produces.
-RESULT_NEUTRAL = {"merge_ahead", "logging"}
+RESULT_NEUTRAL = {"merge_ahead", "logging", "executor"}
 
 
 class EvolveConfig(Strict):
@@ -40,6 +43,8 @@ class EvolveConfig(Strict):
     # mergekit recipe's parameters), random (random search over that recipe).
     strategy: str = "evolver"
     population: PopulationConfig
+    # Fuse first (config/fuse_section.py): the fused target joins the models.
+    fuse: Optional[FuseSection] = None
     de: DEConfig = DEConfig()
     selection: SelectionConfig = SelectionConfig()
     fitness: FitnessConfig
@@ -55,6 +60,9 @@ class EvolveConfig(Strict):
     # pays where the scoring leaves a CPU core idle; where the forward passes
     # already fill every core, the worker slows them down by more than it saves.
     merge_ahead: bool = False
+    # Where candidates are merged and scored: here, or on Ray actors. It
+    # changes no result either (config/executor.py).
+    executor: ExecutorConfig = ExecutorConfig()
 
     @field_validator("strategy")
     @classmethod
@@ -64,6 +72,9 @@ class EvolveConfig(Strict):
         if value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r}; choose one of {', '.join(STRATEGIES)}")
         return value
+
+    # Before the rules, so that they see the population with its fused model.
+    _fused_model_joins_population = rule(fused_model_joins_population)
 
     # Rules across sections, each defined beside its section. The first
     # broken one is reported, so this order decides which message a config
@@ -81,7 +92,7 @@ class EvolveConfig(Strict):
 
     def digest(self) -> str:
         """Identity of a run: what a resume must agree with. Settings that
-        change no result (merge_ahead, logging) are left out, so a resume may
+        change no result (merge_ahead, logging, executor) are left out, so a resume may
         change them. So are settings at their defaults: a setting added in a
         later version leaves the runs that never set it their identity."""
         dumped = self.model_dump(mode="json", exclude=RESULT_NEUTRAL, exclude_defaults=True)

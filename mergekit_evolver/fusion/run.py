@@ -111,8 +111,9 @@ def _vocab_maps(inputs: Inputs, work: Path) -> dict[str, VocabMap]:
     return maps
 
 
-def fuse(config_path: Path, out_dir: Path, resume: bool = False, log: Log = print) -> Path:
+def fuse(config_path: "Path | FusionConfig", out_dir: Path, resume: bool = False, log: Log = print) -> Path:
     """Fuse the config's sources into its target; returns the fused model's dir.
+    `config_path`: a fusion config file, or the config itself (a run's `fuse:`).
 
     Every input is checked before anything is written: bad input raises
     UserError (one line) and leaves the out dir as it was."""
@@ -122,7 +123,7 @@ def fuse(config_path: Path, out_dir: Path, resume: bool = False, log: Log = prin
 
 
 def _fuse(config_path: Path, out_dir: Path, resume: bool, log: Log) -> Path:
-    config = load_fusion_config(config_path)
+    config = config_path if isinstance(config_path, FusionConfig) else load_fusion_config(config_path)
     out = Path(out_dir).resolve()
     meta = check_out_dir(out, config, resume)
     inputs = check_inputs(config)

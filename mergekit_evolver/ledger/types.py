@@ -28,6 +28,9 @@ class Status(str, enum.Enum):
     # Stopped once it could not pass its bar (exact racing): rejected, with
     # partial scores and, as fitness, the best it could still have reached.
     RACED = "raced"
+    # Never scored: its merge or score raised, ran out of memory, or ran over
+    # the executor's timeout_s (its error is the note). Rejected, like INVALID.
+    FAILED = "failed"
 
     def __str__(self) -> str:
         return self.value

@@ -27,7 +27,10 @@ they are x's own weights, as the Evolver's authors leave classifier heads out.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence, get_args
 
@@ -45,10 +48,12 @@ from pydantic import AfterValidator
 from typing_extensions import Annotated
 
 from mergekit_evolver.methods.masks import (
+    Crossover,
     CrossoverKind,
+    Draws,
     Granularity,
-    crossover_mask,
-    keep_mask,
+    Keep,
+    unit_count,
 )
 
 F_RANGE = (0.0, 2.0)
@@ -152,17 +157,21 @@ class Sparsifier:
     density: float = 1.0
     seed: int = 0
     name: str = ""
+    # The whole tensor's shape: DARE's masks are keyed by it, and a block
+    # (a flat slice starting at element `lo`) does not know it.
+    shape: Optional[tuple[int, ...]] = None
 
-    def __call__(self, diff: torch.Tensor, term: int) -> torch.Tensor:
+    def __call__(
+        self, diff: torch.Tensor, term: int, lo: int = 0, draws: Optional[Draws] = None
+    ) -> torch.Tensor:
         if self.method == "none" or self.density >= 1:
             return diff
         if self.method == "magnitude":
-            return magnitude(diff, self.density)
-        keep = keep_mask(
-            diff.shape, self.density, seed=self.seed, name=self.name, term=term
-        ).to(diff.device)
+            return magnitude(diff, self.density)  # whole tensors only: a top-k share
+        shape = diff.shape if self.shape is None else self.shape
+        keep = Keep(shape, self.density, seed=self.seed, name=self.name, term=term)
         # Equal to where(keep, diff / density, 0), without a second full buffer.
-        return diff.masked_fill_(keep.logical_not_(), 0).div_(self.density)
+        return keep.apply_(diff.view(-1), lo, draws).view(diff.shape)
 
 
 def mutate(
@@ -170,24 +179,30 @@ def mutate(
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     F: float,
     sparsifier: Sparsifier = Sparsifier(),
+    *,
+    out: Optional[torch.Tensor] = None,
+    lo: int = 0,
+    draws: Optional[Draws] = None,
 ) -> torch.Tensor:
     """v = anchor + F*(a_0 - b_0) + F*(a_1 - b_1) + ..., left to right in float32.
 
-    In place on one fresh buffer: the offspring costs a few memory passes, and
-    each step rounds exactly as the written formula does.
+    In place on one buffer (`out`, or a fresh one): the offspring costs a few
+    memory passes, and each step rounds exactly as the written formula does.
+    `lo` is the first element's index when the inputs are a block of a tensor.
     """
-    out: Optional[torch.Tensor] = None
+    result: Optional[torch.Tensor] = None
     for term, (a, b) in enumerate(pairs):
-        diff = torch.sub(a, b)
-        diff = sparsifier(diff, term)
+        first = result is None and out is not None
+        diff = torch.sub(a, b, out=out) if first else torch.sub(a, b)
+        diff = sparsifier(diff, term, lo, draws)
         diff.mul_(F)
-        if out is None:
-            out = diff.add_(anchor)
+        if result is None:
+            result = diff.add_(anchor)
         else:
-            out.add_(diff)
+            result.add_(diff)
             del diff
-    assert out is not None
-    return out
+    assert result is not None
+    return result
 
 
 def crossover(
@@ -201,12 +216,102 @@ def crossover(
     granularity: Granularity = "element",
 ) -> torch.Tensor:
     """u = where(mask, v, x), written into v's buffer (v is consumed)."""
-    if CR >= 1 and granularity != "tensor":
-        return v
-    mask = crossover_mask(
-        x.shape, CR, seed=seed, name=name, kind=kind, granularity=granularity
-    ).to(x.device)
-    return torch.where(mask, v, x, out=v)
+    plan = Crossover(x.shape, CR, seed=seed, name=name, kind=kind, granularity=granularity)
+    plan.apply_(v.view(-1), x.reshape(-1).to(torch.float32))
+    return v
+
+
+# At most about 4 MB of float32 per block, so a block's buffers stay in a CPU's L2/L3.
+BLOCK_ELEMENTS = 1 << 20
+# Tensors up to this size run in the calling thread, as one block.
+MIN_BLOCK_ELEMENTS = 1 << 16
+# On an accelerator the passes are memory-bound anyway; large blocks amortize launches.
+DEVICE_BLOCK_ELEMENTS = 1 << 24
+
+
+def block_elements(
+    shape: Sequence[int], granularity: Granularity, device: torch.device, workers: int = 1
+) -> int:
+    """Elements per block of the offspring loop, whole rows for row granularity,
+    and at least one block per worker once a tensor is past MIN_BLOCK_ELEMENTS.
+    Blocks never change a value: the math is elementwise, the masks keyed by index."""
+    n = unit_count(shape, "element")
+    if device.type == "cpu":
+        target = min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, -(-n // max(1, workers))))
+    else:
+        target = DEVICE_BLOCK_ELEMENTS
+    row = unit_count(tuple(shape)[1:], "element") if granularity == "row" and shape else 1
+    return max(1, target // max(1, row)) * max(1, row)
+
+
+# OpenMP's thread count is per calling thread, so pool workers can run
+# single-threaded while the caller keeps its own; other backends share one count.
+_PER_THREAD_NUM_THREADS = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+_pool: Optional[tuple[int, int, ThreadPoolExecutor]] = None  # (pid, workers, pool)
+_pool_lock = threading.Lock()
+
+
+def _block_workers(device: torch.device) -> int:
+    return torch.get_num_threads() if device.type == "cpu" and _PER_THREAD_NUM_THREADS else 1
+
+
+def _single_threaded() -> None:
+    # A thread takes torch's process-wide default on its first query or parallel
+    # op; take it first, so the restored default cannot undo the 1 set here.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _block_pool(workers: int) -> ThreadPoolExecutor:
+    """A process's pool of single-threaded block workers, made once per thread
+    count (and again after a fork, whose child has none of the threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None and _pool[:2] == (os.getpid(), workers):
+            return _pool[2]
+        if _pool is not None and _pool[0] == os.getpid():
+            _pool[2].shutdown(wait=False)
+        pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="de-offspring", initializer=_single_threaded
+        )
+        # Start every worker now (each waits for the others), then put back the
+        # process-wide default that set_num_threads also wrote.
+        started = threading.Barrier(workers, timeout=60)
+        try:
+            for future in [pool.submit(started.wait) for _ in range(workers)]:
+                future.result()
+        finally:
+            torch.set_num_threads(workers)
+        _pool = (os.getpid(), workers, pool)
+        return pool
+
+
+def _for_blocks(
+    starts: Sequence[int], device: torch.device, block: Callable[[int, Draws], None]
+) -> None:
+    """block(lo, draws) for every start, with scratch per worker thread.
+
+    On a CPU the blocks are spread over torch's thread count of single-threaded
+    workers, instead of splitting each op of a block over the threads: a block
+    is ~20 small ops, and every op's fork/join stalls whenever the machine is
+    busy. Blocks write disjoint slices, so the result is the same bits.
+    """
+    workers = min(_block_workers(device), len(starts))
+    if workers <= 1:
+        draws = Draws(device)
+        for lo in starts:
+            block(lo, draws)
+        return
+    scratch: dict[int, Draws] = {}
+
+    def run(lo: int) -> None:
+        draws = scratch.get(threading.get_ident())
+        if draws is None:
+            draws = scratch[threading.get_ident()] = Draws(device)
+        block(lo, draws)
+
+    for _ in _block_pool(_block_workers(device)).map(run, starts):
+        pass
 
 
 # Each operator maps (x, donors) to (anchor, difference pairs).
@@ -248,19 +353,43 @@ def offspring(
         raise ValueError(
             f"{operator} needs {len(roles)} donors ({', '.join(roles)}); got {len(donors)}"
         )
-    x = x.to(torch.float32)
-    donors = [d.to(torch.float32) for d in donors]
-    sparsifier = Sparsifier(sparsify, density, seed, name)
-    if reference is None:
-        anchor, pairs = build(x, donors)
-        v = mutate(anchor, pairs, F, sparsifier)
+    shape = tuple(x.shape)
+    n = x.numel()
+    plan = Crossover(shape, CR, seed=seed, name=name, kind=kind, granularity=granularity)
+    if plan.whole and not plan.take_all:
+        return x.to(torch.float32, copy=True)  # the target's own tensor: no mutant needed
+    flat = [t.reshape(-1) for t in (x, *donors)]
+    theta0 = None if reference is None else reference.reshape(-1)
+    sparsifier = Sparsifier(sparsify, density, seed, name, shape)
+    # A top-k share is a whole-tensor statistic: magnitude trimming takes one block.
+    if sparsify == "magnitude":
+        step = max(1, n)
     else:
-        theta0 = reference.to(torch.float32)
-        # One sparsified task vector per input, keyed by its position.
-        taus = [sparsifier(torch.sub(t, theta0), term) for term, t in enumerate([x, *donors])]
-        anchor, pairs = build(taus[0], taus[1:])
-        v = mutate(anchor, pairs, F).add_(theta0)
-    return crossover(x, v, CR, seed=seed, name=name, kind=kind, granularity=granularity)
+        step = block_elements(shape, plan.granularity, x.device, _block_workers(x.device))
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+
+    def block(lo: int, draws: Draws) -> None:
+        hi = min(n, lo + step)
+        into = out[lo:hi]
+        xb, *db = (t[lo:hi].to(torch.float32) for t in flat)
+        if theta0 is None:
+            anchor, pairs = build(xb, db)
+            v = mutate(anchor, pairs, F, sparsifier, out=into, lo=lo, draws=draws)
+        else:
+            t0 = theta0[lo:hi].to(torch.float32)
+            # One sparsified task vector per input, keyed by its position.
+            taus = [
+                sparsifier(torch.sub(t, t0), term, lo, draws)
+                for term, t in enumerate([xb, *db])
+            ]
+            anchor, pairs = build(taus[0], taus[1:])
+            v = mutate(anchor, pairs, F, out=into).add_(t0)
+        if v.data_ptr() != into.data_ptr():
+            into.copy_(v)  # magnitude trimming returned a new buffer
+        plan.apply_(into, xb, lo, draws)
+
+    _for_blocks(range(0, n, step), x.device, block)
+    return out.view(shape)
 
 
 def check_reference(

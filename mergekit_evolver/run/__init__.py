@@ -40,11 +40,27 @@ def _long_lived_heap_frozen() -> Iterator[None]:
 
 def evolve(config, run_dir: Path, *, resume: bool = False, log: Log = print) -> str:
     """The whole run; returns the result table."""
+    if config.fuse is not None:
+        fuse_first(config, Path(run_dir), resume, log)
     run = Run(config, run_dir, resume=resume, log=log)
     try:
         return _evolve(run, config, log)
     finally:
         run.close()
+
+
+def fuse_first(config, run_dir: Path, resume: bool, log: Log) -> Path:
+    """The `fuse:` section's fusion, run (or resumed, or found finished) before
+    the run's door checks, which then see the fused model among the models."""
+    from mergekit_evolver.errors import UserError
+    from mergekit_evolver.fusion.run import META_FILE, fuse
+    from mergekit_evolver.run.checks import check_run_dir
+
+    out, run_dir = Path(config.fuse.out), Path(run_dir).resolve()
+    if out == run_dir or run_dir in out.parents:
+        raise UserError(f"fuse.out {out} is inside the run dir {run_dir}; put the fusion dir beside it")
+    check_run_dir(run_dir, config, resume)  # a bad run dir is refused before hours of fusion
+    return fuse(config.fuse.fusion(), out, resume=(out / META_FILE).is_file(), log=log)
 
 
 def search(run: Run, members: list[Member]) -> tuple[list[Member], Optional[MergeConfiguration]]:
@@ -77,6 +93,20 @@ def search(run: Run, members: list[Member]) -> tuple[list[Member], Optional[Merg
     return [Member(m, evolver.paths[m], f) for m, f in zip(final.members, final.fitness)], None
 
 
+def member_labels(paths: list[Path]) -> list[str]:
+    """Report labels for the input models: each dir's name, with as many
+    parent dirs as it takes to tell apart models whose dirs share a name (two
+    fusion outputs are both `.../model`)."""
+    depth = [1] * len(paths)
+    while True:
+        labels = [str(Path(*p.parts[-d:])) for p, d in zip(paths, depth)]
+        shared = [i for i, label in enumerate(labels) if labels.count(label) > 1 and depth[i] < len(paths[i].parts)]
+        if not shared:
+            return labels
+        for i in shared:
+            depth[i] += 1
+
+
 def loop_generations(run: Run) -> int:
     """Generations recorded so far: where a following stage's numbers start."""
     return len(run.ledger.generations())
@@ -105,8 +135,9 @@ def _evolve(run: Run, config, log: Log) -> str:
     if final is None:
         final = finish.final_recipe(run, final_members)
     model_dir = finish.write_model(run, final)
+    labels = member_labels([Path(m.path) for m in members if m.id.startswith("m")])
     entries: list[tuple[str, MergeConfiguration | Path]] = [
-        (Path(m.path).name if m.id.startswith("m") else m.id, m.path) for m in members
+        (labels.pop(0) if m.id.startswith("m") else m.id, m.path) for m in members
     ]
     entries += [(ref.name, Path(ref.model)) for ref in config.report.references]
     entries += [(name, recipe) for name, recipe, _ in chosen]

@@ -8,6 +8,7 @@ run killed at any moment and resumed ends exactly where an uninterrupted run doe
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from mergekit_evolver.population.store import (
 from mergekit_evolver.recipes.candidates import BASELINES_NEED_BASE, baseline_recipes, population_recipe
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.run.checks import check_filters, check_finite, check_models, check_run_dir
-from mergekit_evolver.run.executor import InProcess
+from mergekit_evolver.run.executor import make_executor
 from mergekit_evolver.run.observers import observers_from_config
 from mergekit_evolver.scoring.evaluator import (
     Evaluator,
@@ -40,11 +41,13 @@ from mergekit_evolver.scoring.evaluator import (
     resolve_device,
 )
 from mergekit_evolver.scoring.racing import Bar
+from mergekit_evolver.scoring.subset import TaskSubset, stratified_subset
 from mergekit_evolver.search.protocol import Start, Strategy
 from mergekit_evolver.search.registry import STRATEGIES
 
 Log = Callable[[str], None]
 CONFIG_FILE = "run.yml"
+DOCUMENTS = "documents/"  # ledger meta: an initial member's per-document dev values
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Scored:
     content_hash: str
     complete: bool = True
     documents: Optional[tuple[int, int]] = None  # scored, of
+    per_document: Optional[dict] = None  # task -> values in document order (a fresh full score)
+    estimated: bool = False  # from the fitness subset (scoring/subset.py)
 
 
 class Run:
@@ -83,7 +88,7 @@ class Run:
             trust_remote_code=settings.trust_remote_code,
             random_seed=config.seed,
         )
-        self.executor = InProcess(self.options, config.merge_ahead)
+        self.executor = make_executor(config, self.run_dir, self.options, log)
         try:
             self._set_up(config)
         except BaseException:
@@ -93,11 +98,29 @@ class Run:
     def _set_up(self, config) -> None:
         settings = config.fitness
         self.dev = Suite(config.fitness.tasks, settings)
+        # Drawn once the initial members are scored (fitness_subset).
+        self.subset: Optional[dict[str, TaskSubset]] = None
+        if settings.subset is not None and config.executor.kind != "in_process":
+            # Ray workers score the full suite: estimates on the driver would break equality.
+            raise UserError("fitness.subset runs with executor.kind in_process only, for now")
+        if settings.subset is not None and not self.dev.raceable:
+            raise UserError(
+                "fitness.subset needs metrics with a per-document value in [0, 1] averaged by lm-eval's mean "
+                "(acc, acc_norm, exact_match) and no fitness.function"
+            )
         self.report_suite = Suite(config.report.tasks, settings) if config.report.tasks else None
         check_chat_template(Path(config.population.models[0]), settings)
         self.check_strategy()
         # Everything the user gave us checked out: only now is the run dir made.
+        fresh = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # Remote workers must see the run dir itself, so this waits for it.
+            self.executor.open(self.run_dir, self.models_read())
+        except BaseException:
+            if fresh:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         if not (self.run_dir / LEDGER_FILE).exists():
             path = self.run_dir / CONFIG_FILE
             tmp = path.with_name(CONFIG_FILE + ".tmp")
@@ -117,6 +140,12 @@ class Run:
         # (experiment loggers): each has candidate(row), generation(number,
         # stats), finish(table) and close(). The loop and the run call them.
         self.observers: list = observers_from_config(config, self.run_dir, self.log)
+
+    def models_read(self) -> list[str]:
+        """The model dirs every candidate may be merged from, outside the run
+        dir (kept members are inside it, which the executor checks as a whole)."""
+        pop = self.config.population
+        return [*pop.models, *filter(None, [pop.base_model])]
 
     def notify(self, event: str, *args) -> None:
         for observer in self.observers:
@@ -171,12 +200,18 @@ class Run:
         return self.executor.merge(recipe)
 
     def score(
-        self, state, suite: Optional[Suite] = None, digest: Optional[str] = None, bar: Optional[Bar] = None
+        self, state, suite: Optional[Suite] = None, digest: Optional[str] = None, bar: Optional[Bar] = None,
+        estimate: bool = False,
     ) -> Scored:
+        """`estimate`: on the fitness subset only (where one is configured)."""
         suite = suite or self.dev
-        scored = self.evaluator.score(state, suite, digest, bar)
+        subset = self.subset if estimate else None
+        scored = self.evaluator.score(state, suite, digest, bar, subset)
         fitness = suite.fitness(scored.scores) if scored.complete else scored.best
-        return Scored(fitness, scored.scores, scored.seconds, scored.content_hash, scored.complete, scored.documents)
+        return Scored(
+            fitness, scored.scores, scored.seconds, scored.content_hash, scored.complete, scored.documents,
+            scored.per_document, scored.estimated,
+        )
 
     def step(self, key: str, compute: Callable[[], Candidate]) -> Candidate:
         done = self.ledger.find(key)
@@ -240,6 +275,9 @@ class Run:
                 if bad is not None:
                     raise UserError(f"{member.path}: tensor {bad} holds NaN or Inf; every model of a run must be finite")
                 s = self.score(state)
+                if s.per_document is not None and config.fitness.subset is not None:
+                    # Kept for the subset's strata, so a resume draws the same subset.
+                    self.ledger.set_meta(DOCUMENTS + member.id, json.dumps(s.per_document))
                 return Candidate(
                     step=f"init/{member.id}", generation=0, slot=i, role=Role.MEMBER,
                     status=Status.ACCEPTED, fitness=s.fitness, dev=s.scores, eval_s=s.seconds,
@@ -247,7 +285,23 @@ class Run:
                 )
 
             member.fitness = self.step(f"init/{member.id}", evaluate).fitness
+        self.subset = self.fitness_subset(members)
         return members
+
+    def fitness_subset(self, members: list[Member]) -> Optional[dict[str, TaskSubset]]:
+        """Each fitness task's subset, stratified on the initial members'
+        per-document values (members scored from the cache, e.g. an exact copy
+        of another, have none and are left out of the strata)."""
+        wanted = self.config.fitness.subset
+        if wanted is None:
+            return None
+        rows = [json.loads(v) for v in (self.ledger.get_meta(DOCUMENTS + m.id) for m in members) if v]
+        if not rows:
+            raise UserError("fitness.subset: no initial member has per-document scores to stratify on")
+        return {
+            spec.name: stratified_subset([r[spec.name] for r in rows], wanted.share, seed=self.config.seed * 1000 + k)
+            for k, spec in enumerate(self.config.fitness.tasks)
+        }
 
     def close(self) -> None:
         try:

@@ -2,14 +2,21 @@
 
 `InProcess` merges here, through the one merge path, and takes the merge-ahead
 worker's result (merging/ahead.py) only for the exact recipe it would merge
-itself. Ray actors will be one more executor behind the same three calls:
-`candidate` (a proposal's weights, with the checks every candidate gets),
-`merge` (a recipe's weights, unchecked: mergers, baselines, the report) and
-`expect` (the recipe likely to come next).
+itself. Its calls: `candidate` (a proposal's weights, with the checks every
+candidate gets), `merge` (a recipe's weights, unchecked: mergers, baselines,
+the report) and `expect` (the recipe likely to come next).
+
+`Ray` (run/ray/) is the remote one: its workers merge *and* score, so the
+loop hands it whole candidates (`evaluate`) and gets back an `Evaluated`.
+Either way the loop alone tells the strategy and records the result.
 """
 
 from __future__ import annotations
 
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
@@ -20,7 +27,25 @@ from mergekit_evolver.merging.merge import StateDict, merge_in_memory
 from mergekit_evolver.population.store import read_from_files
 
 
+@dataclass
+class Evaluated:
+    """A candidate merged and (unless it failed or is non-finite) scored,
+    before the strategy hears of it."""
+
+    merge_s: float
+    digest: Optional[str] = None  # the candidate's content hash
+    non_finite: Optional[str] = None  # the first tensor holding NaN or Inf
+    error: Optional[str] = None  # it failed (remote executors): why
+    scored: Any = None  # run.context.Scored
+    # Write the candidate's weights as a member at dest (files like `like`).
+    keep: Optional[Callable[[Path, Path], Path]] = None
+    # Let go of its weights: it is not kept.
+    release: Callable[[], None] = lambda: None
+
+
 class InProcess:
+    remote = False
+
     def __init__(self, options: MergeOptions, merge_ahead: bool):
         self.options = options
         # Models served from memory (population.store.MemorySlot), never read from files.
@@ -48,7 +73,19 @@ class InProcess:
     def expect(self, text: str) -> None:
         self.ahead.expect(text)
 
+    def open(self, run_dir: Path, models: list[str]) -> None:
+        """The run dir exists: nothing to check, every merge reads from here."""
+
     def close(self) -> None:
         self.ahead.close()
 
 
+
+
+def make_executor(config, run_dir: Path, options: MergeOptions, log):
+    """The executor a run config's `executor:` names."""
+    if config.executor.kind == "ray":
+        from mergekit_evolver.run.ray.executor import RayExecutor
+
+        return RayExecutor(config, run_dir, options, log)
+    return InProcess(options, config.merge_ahead)

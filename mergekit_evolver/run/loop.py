@@ -25,6 +25,7 @@ from mergekit_evolver.ledger import Candidate, Role, Status
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.population.store import write_individual
 from mergekit_evolver.run.context import Member, Run
+from mergekit_evolver.run.executor import Evaluated
 from mergekit_evolver.scoring.racing import Bar
 from mergekit_evolver.search.protocol import (
     CANDIDATE,
@@ -79,7 +80,7 @@ class CandidateLoop:
         if row is not None:
             if row.recipe != text:
                 raise RuntimeError(f"{proposal.step}: the ledger holds another recipe; the run cannot be replayed")
-            if row.status == Status.INVALID:
+            if row.status in (Status.INVALID, Status.FAILED):
                 told = Result(None)
             else:
                 told = Result(row.fitness, row.dev, raced=row.status == Status.RACED)
@@ -105,26 +106,20 @@ class CandidateLoop:
             role=Role(proposal.role), recipe=text, parents=list(proposal.parents),
             operator=proposal.operator, F=proposal.F, CR=proposal.CR, seed=proposal.seed,
         )
-        start = time.perf_counter()
-        merged = run.executor.candidate(recipe, text)
-        merge_s = time.perf_counter() - start
-        self.expect_next(strategy, proposal)
-        if merged.non_finite is not None:
-            run.log(f"{proposal.step}: rejected, non-finite values in {merged.non_finite}")
+        if run.executor.remote:
+            got = run.executor.evaluate(self, strategy, proposal, text)
+        else:
+            got = self._evaluate_here(strategy, proposal, recipe, text)
+        if got.error is not None:
+            run.log(f"{proposal.step}: failed, {got.error}")
             strategy.tell(proposal, REJECTED)
-            note = f"non-finite: {merged.non_finite}"
-            return Candidate(**base, status=Status.INVALID, merge_s=merge_s, note=note), False
-        state, digest = merged.state, merged.content_hash
-        scored_state, scored_digest = state, digest
-        if proposal.score_in is not None:
-            ref = run.slot.serve(state)
-            start = time.perf_counter()
-            scored_state = run.merge(self.recipe(proposal.score_in, proposal.step, ref.model.path)[0])
-            merge_s += time.perf_counter() - start
-            run.slot.clear()
-            scored_digest = None
-        bar = self.bar(proposal)
-        scored = run.score(scored_state, digest=scored_digest, bar=bar)
+            return Candidate(**base, status=Status.FAILED, merge_s=got.merge_s, note=f"failed: {got.error}"), False
+        if got.non_finite is not None:
+            run.log(f"{proposal.step}: rejected, non-finite values in {got.non_finite}")
+            strategy.tell(proposal, REJECTED)
+            note = f"non-finite: {got.non_finite}"
+            return Candidate(**base, status=Status.INVALID, merge_s=got.merge_s, note=note), False
+        scored, bar = got.scored, self.bar(proposal)
         raced = not scored.complete
         accepted = strategy.tell(proposal, Result(scored.fitness, scored.scores, raced=raced))
         if raced and accepted:
@@ -132,7 +127,9 @@ class CandidateLoop:
         member = None
         if accepted and proposal.child is not None:
             dest = run.population_dir / proposal.child
-            member = str(write_individual(state, dest, like=self.paths[proposal.like]))
+            member = str(got.keep(dest, self.paths[proposal.like]))
+        else:
+            got.release()
         note = proposal.note
         if raced:
             status = Status.RACED
@@ -145,16 +142,59 @@ class CandidateLoop:
             status = Status.SCORED
         else:
             status = Status.ACCEPTED if accepted else Status.REJECTED
+        if scored.estimated:
+            done, total = scored.documents or (None, None)
+            said = f"estimated from {done} of {total} documents" if done else "estimated (fitness.subset)"
+            note = f"{note}; {said}" if note else said
         row = Candidate(
             **base, status=status, fitness=scored.fitness, dev=scored.scores, member=member,
-            merge_s=merge_s, eval_s=scored.seconds, note=note, content_hash=digest,
+            merge_s=got.merge_s, eval_s=scored.seconds, note=note, content_hash=got.digest,
         )
         return row, accepted
+
+    def _evaluate_here(
+        self, strategy: Strategy, proposal: Proposal, recipe: MergeConfiguration, text: str
+    ) -> Evaluated:
+        run = self.run
+        start = time.perf_counter()
+        merged = run.executor.candidate(recipe, text)
+        merge_s = time.perf_counter() - start
+        self.expect_next(strategy, proposal)
+        if merged.non_finite is not None:
+            return Evaluated(merge_s, merged.content_hash, merged.non_finite)
+        state, digest = merged.state, merged.content_hash
+        scored_state, scored_digest = state, digest
+        if proposal.score_in is not None:
+            ref = run.slot.serve(state)
+            start = time.perf_counter()
+            scored_state = run.merge(self.recipe(proposal.score_in, proposal.step, ref.model.path)[0])
+            merge_s += time.perf_counter() - start
+            run.slot.clear()
+            scored_digest = None
+        scored = self.score(proposal, scored_state, scored_digest)
+        return Evaluated(
+            merge_s, digest, scored=scored,
+            keep=lambda dest, like: write_individual(state, dest, like=like),
+        )
+
+    def score(self, proposal: Proposal, state, digest: Optional[str]):
+        """A candidate's dev scores. With a fitness subset, its estimate first:
+        below its bar, the candidate is rejected on it; without a bar and with
+        nothing to keep, it is ranked on it; otherwise it is scored in full, so
+        that every member's fitness is a full score."""
+        run = self.run
+        if run.subset is not None:
+            estimate = run.score(state, digest=digest, estimate=True)
+            if proposal.bar is None and proposal.child is None:
+                return estimate
+            if proposal.bar is not None and not Bar(proposal.bar, proposal.bar_strict).passed_by(estimate.fitness):
+                return estimate
+        return run.score(state, digest=digest, bar=self.bar(proposal))
 
     def bar(self, proposal: Proposal) -> Optional[Bar]:
         """The bar to race a proposal against: its own, where racing is on."""
         racing = self.run.config.fitness.racing
-        if racing.mode != "exact" or proposal.bar is None:
+        if racing.mode == "off" or proposal.bar is None:
             return None
         return Bar(proposal.bar, proposal.bar_strict)
 

@@ -19,6 +19,7 @@ import torch
 
 from mergekit_evolver.scoring import lmeval as fitness
 from mergekit_evolver.scoring import racing as racing_math
+from mergekit_evolver.scoring.subset import TaskSubset
 from mergekit_evolver.config import EvalSettings, TaskSpec
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.merging.fingerprint import content_hash
@@ -38,6 +39,10 @@ class Scoring:
     complete: bool
     best: Optional[float]
     documents: tuple[int, int]  # scored, of
+    # A complete run's per-document values of each task's fitness metric, in
+    # document order (what subset estimators stratify on).
+    per_document: Optional[dict[str, list[float]]] = None
+    estimated: bool = False  # scores estimated from a subset (subset.py)
 
 
 class Suite:
@@ -128,7 +133,33 @@ class Suite:
                 best = self.fitness(self._best_case(per_doc))
                 if not racing_math.still_possible(best, bar):
                     return Scoring(self._partial(per_doc), False, best, self._counted(per_doc))
-        return Scoring(self._aggregate(per_doc), True, None, self._counted(per_doc))
+        return Scoring(self._aggregate(per_doc), True, None, self._counted(per_doc), self._values(per_doc))
+
+    def _values(self, per_doc) -> dict[str, list[float]]:
+        out = {}
+        for spec in self.specs:
+            metric = fitness.metric_name(spec.metric)
+            docs = per_doc[spec.name]
+            out[spec.name] = [float(docs[i][metric]) for i in sorted(docs)]
+        return out
+
+    def estimate(self, lm, subset: Mapping[str, TaskSubset]) -> Scoring:
+        """Each task's score estimated from its subset's documents (subset.py),
+        recorded with how many of how many documents it used."""
+        chunk = {name: list(s.indices) for name, s in subset.items()}
+        got = fitness.score_documents(
+            lm, self.loaded, chunk, apply_chat_template=self.settings.apply_chat_template,
+            fewshot_as_multiturn=self.settings.fewshot_as_multiturn,
+        )
+        scores: Scores = {}
+        for spec in self.specs:
+            metric = fitness.metric_name(spec.metric)
+            docs = got[spec.name]
+            value = subset[spec.name].estimate({i: d[metric] for i, d in docs.items()})
+            scores[spec.name] = {metric: value, "estimated": 1.0, "documents": float(len(docs)),
+                                 "of": float(self.sizes[spec.name])}
+        done = sum(len(d) for d in got.values())
+        return Scoring(scores, True, None, (done, sum(self.sizes.values())), estimated=True)
 
     def _aggregate(self, per_doc) -> Scores:
         """Each task's metrics over its documents in index order, by the task's
@@ -144,14 +175,21 @@ class Suite:
         return out
 
     def _best_case(self, per_doc) -> Scores:
+        """Each task at the best it could still reach: for certain (exact racing)
+        or with the configured confidence (statistical)."""
+        racing = getattr(self.settings, "racing", None)
+        statistical = racing is not None and racing.mode == "statistical"
+        delta = (1 - racing.confidence) / len(self.specs) if statistical else None
         out: Scores = {}
         for spec in self.specs:
             metric = fitness.metric_name(spec.metric)
             docs = per_doc[spec.name]
-            out[spec.name] = {metric: racing_math.best_case(
+            args = (
                 [docs[i][metric] for i in sorted(docs)], self.sizes[spec.name],
                 self.higher_is_better[spec.name], metric, self.tasks[spec.name].aggregation()[metric],
-            )}
+            )
+            bound = racing_math.confident_best(*args, delta) if statistical else racing_math.best_case(*args)
+            out[spec.name] = {metric: bound}
         return out
 
     def _partial(self, per_doc) -> Scores:
@@ -235,6 +273,8 @@ class Scored:
     complete: bool = True
     best: Optional[float] = None
     documents: Optional[tuple[int, int]] = None  # scored, of (None: from the cache)
+    per_document: Optional[dict[str, list[float]]] = None  # None: from the cache, or not complete
+    estimated: bool = False
 
 
 def check_chat_template(like: Path, settings: EvalSettings) -> None:
@@ -309,7 +349,7 @@ class Evaluator:
 
     def score(
         self, state: Mapping[str, torch.Tensor], suite: Suite, digest: Optional[str] = None,
-        bar: Optional[racing_math.Bar] = None,
+        bar: Optional[racing_math.Bar] = None, subset: Optional[Mapping[str, TaskSubset]] = None,
     ) -> Scored:
         """`digest`: the state's content_hash when already known (the merge-ahead
         worker computes it while it merges). `bar`: what the candidate must pass
@@ -319,14 +359,21 @@ class Evaluator:
 
         start = time.perf_counter()
         digest = digest or content_hash(state)
-        hit = self.cache.cached_scores(digest, suite.key)
+        # An estimate is cached under its subset's own key: never as a full score.
+        key = suite.key if subset is None else f"{suite.key}/subset/{subset_key(subset)}"
+        hit = self.cache.cached_scores(digest, key)
         if hit is not None:
-            return Scored(hit, digest, True, time.perf_counter() - start)
+            return Scored(hit, digest, True, time.perf_counter() - start, estimated=subset is not None)
         self.resident.load(state)
-        scoring = suite.run(self.resident.lm, bar)
+        scoring = suite.run(self.resident.lm, bar) if subset is None else suite.estimate(self.resident.lm, subset)
         if scoring.complete:
-            self.cache.cache_scores(digest, suite.key, scoring.scores)
+            self.cache.cache_scores(digest, key, scoring.scores)
         return Scored(
             scoring.scores, digest, False, time.perf_counter() - start,
-            scoring.complete, scoring.best, scoring.documents,
+            scoring.complete, scoring.best, scoring.documents, scoring.per_document, scoring.estimated,
         )
+
+
+def subset_key(subset: Mapping[str, TaskSubset]) -> str:
+    blob = json.dumps({t: [s.indices, s.weights] for t, s in sorted(subset.items())})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

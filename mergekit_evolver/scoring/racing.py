@@ -1,5 +1,6 @@
-"""Exact racing, the pure part: which documents are scored in which round, and
-the best fitness a partly scored candidate could still reach.
+"""Racing, the pure part: which documents are scored in which round, and
+the best fitness a partly scored candidate could still reach (exact), or
+would reach with high confidence (statistical).
 
 A candidate is scored in rounds of seeded, fixed-order chunks of each task's
 documents. After a round, every document not yet scored is taken at the best
@@ -13,6 +14,7 @@ scored in full.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -57,6 +59,28 @@ def best_case(
     low, high = BOUNDED[metric]
     best = high if higher_is_better else low
     return float(aggregate(list(values) + [best] * (total - len(values))))
+
+
+def confident_best(
+    values: Sequence[float], total: int, higher_is_better: bool, metric: str, aggregate: Callable,
+    delta: float,
+) -> float:
+    """Statistical racing's bound: the task's full mean is at most this (at
+    least, if lower is better) with probability >= 1 - delta.
+
+    The documents scored so far are a seeded random sample, without
+    replacement, of the task's `total`; the full mean is the population mean,
+    and Serfling's Hoeffding bound for sampling without replacement gives
+    mean_seen + R * sqrt((1 - (n - 1) / total) * ln(1 / delta) / (2 n)).
+    It is never looser than the exact best case."""
+    exact = best_case(values, total, higher_is_better, metric, aggregate)
+    n = len(values)
+    if n == 0 or n >= total:
+        return exact
+    low, high = BOUNDED[metric]
+    seen = float(aggregate(list(values)))
+    eps = (high - low) * math.sqrt((1 - (n - 1) / total) * math.log(1 / delta) / (2 * n))
+    return min(exact, seen + eps) if higher_is_better else max(exact, seen - eps)
 
 
 def can_race(metric: str, aggregate: Callable) -> bool:

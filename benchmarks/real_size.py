@@ -1,0 +1,180 @@
+"""Per-candidate cost of a weight-space run at real sizes: where the time and the memory go.
+
+Run: .venv/bin/python benchmarks/real_size.py [--sizes 0.1,0.5,1] [--dtypes float32,bfloat16]
+     [--device cpu|cuda] [--limit 16]
+
+For each size (random-init Llamas: 0.1 -> width 768 x 12 layers, 0.5 -> 1536 x
+16, 1 -> 2048 x 16; the testbed's character tokenizer, so the embeddings are
+small) and dtype, in a fresh process: a population of 4 perturbed copies of one
+base, one Evolver generation (4 offspring, individual selection) scored on
+`--limit` documents of the testbed's tb_rev_dev, no baselines, no report.
+Per candidate it prints:
+- merge ms (mergekit's planner and executor, in this process), model-call ms
+  (lm-eval's calls into the HF model) and our ms (the rest of the candidate);
+- bytes read: /proc/self/io read_bytes (from the disk; page-cache hits are not
+  counted) and rchar (read() calls; mmap-ed safetensors are not counted);
+- peak RSS during the candidate (sampled every 5 ms) and peak device memory;
+- peak RSS / one model's size.
+Targets (issue 16) at 1B: peak <= 1.3 x one model + the cache budget; our
+share <= 5% of a candidate's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {"0.1": (768, 12), "0.5": (1536, 16), "1": (2048, 16)}
+
+
+class RssPeak:
+    """The highest VmRSS seen since the last reset, sampled by a thread."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = False
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    @staticmethod
+    def now() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _watch(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.005)
+
+    def reset(self) -> None:
+        self.peak = self.now()
+
+
+def io_counters() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/io").read_text().splitlines():
+        key, value = line.split(":")
+        out[key] = int(value)
+    return out
+
+
+def child(args) -> None:
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from eval_overhead import MODEL_CALLS, Clock, parameter_count, random_population
+    from mergekit_evolver.config import EvolveConfig
+    from mergekit_evolver.run import evolve, executor
+    from mergekit_evolver.run.loop import CandidateLoop
+    from mergekit_evolver.testbed import PRESETS, build_testbed
+
+    testbed = build_testbed(Path(".testbed") / "merge_friendly", PRESETS["merge_friendly"], log=None)
+    width, layers = SHAPES[args.size]
+    root = Path(args.root)
+    models, base = random_population(root / "models", testbed.specialists["rev"], width, layers, 4)
+    params = parameter_count(models[0])
+    if args.dtype != "float32":
+        import safetensors.torch as st
+        for m in [*models, base]:
+            state = st.load_file(str(m / "model.safetensors"))
+            st.save_file({k: v.to(getattr(torch, args.dtype)) for k, v in state.items()},
+                         str(m / "model.safetensors"), metadata={"format": "pt"})
+    model_bytes = sum((m / "model.safetensors").stat().st_size for m in models[:1])
+    config = EvolveConfig.model_validate({
+        "seed": 0,
+        "population": {"models": [str(m) for m in models], "base_model": str(base)},
+        "de": {"operator": "de_current_to_rand1", "F": 0.1, "CR": 0.9, "generations": 1},
+        "fitness": {"tasks": ["tb_rev_dev"], "include_path": str(testbed.include_path), "device": args.device,
+                    "dtype": args.dtype, "limit": args.limit, "batch_size": 16},
+        "report": {"tasks": [], "baselines": []},
+    })
+    clock, rss = Clock(), RssPeak()
+    for name in MODEL_CALLS:
+        clock.wrap(HFLM, name, "model")
+    clock.wrap(executor, "merge_in_memory", "merge")
+    rows = []
+    original = CandidateLoop._compute
+
+    def compute(self, *a, **kw):
+        before = dict(clock.seconds)
+        io0 = io_counters()
+        rss.reset()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        clock.on = True
+        start = time.perf_counter()
+        try:
+            return original(self, *a, **kw)
+        finally:
+            wall = time.perf_counter() - start
+            clock.on = False
+            io1 = io_counters()
+            got = {k: clock.seconds.get(k, 0.0) - before.get(k, 0.0) for k in ("merge", "model")}
+            rows.append({
+                "wall_ms": wall * 1000, "merge_ms": got["merge"] * 1000, "model_ms": got["model"] * 1000,
+                "ours_ms": (wall - got["merge"] - got["model"]) * 1000,
+                "read_bytes": io1["read_bytes"] - io0["read_bytes"], "rchar": io1["rchar"] - io0["rchar"],
+                "peak_rss": rss.peak,
+                "peak_device": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+            })
+
+    CandidateLoop._compute = compute
+    evolve(config, root / "run", log=lambda *_: None)
+    print(json.dumps({"size": args.size, "dtype": args.dtype, "params": params, "model_bytes": model_bytes,
+                      "rows": rows}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.1,0.5,1")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        sys.path.insert(0, str(HERE))
+        return child(args)
+    print(f"device {args.device}; population 4; one generation (4 offspring); {args.limit} dev documents")
+    print("| size | dtype | params | one model | candidate ms | merge ms | model-call ms | our ms (share) "
+          "| read_bytes | rchar | peak RSS | peak / model | peak device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        for dtype in args.dtypes.split(","):
+            with tempfile.TemporaryDirectory(dir=os.environ.get("REAL_SIZE_TMP")) as tmp:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", "--size", size, "--dtype", dtype, "--root", tmp,
+                     "--device", args.device, "--limit", str(args.limit)],
+                    capture_output=True, text=True,
+                )
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if out.returncode or not lines:
+                print(f"| {size}B | {dtype} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1]} |")
+                continue
+            r = json.loads(lines[-1])
+            gb = 1024 ** 3
+            for k, row in enumerate(r["rows"]):
+                share = row["ours_ms"] / row["wall_ms"]
+                print(
+                    f"| {size}B | {dtype} | {r['params'] / 1e9:.2f}B | {r['model_bytes'] / gb:.2f} GiB "
+                    f"| {row['wall_ms']:.0f} | {row['merge_ms']:.0f} | {row['model_ms']:.0f} "
+                    f"| {row['ours_ms']:.0f} ({share:.1%}) | {row['read_bytes'] / gb:.2f} GiB | {row['rchar'] / gb:.2f} GiB "
+                    f"| {row['peak_rss'] / gb:.2f} GiB | {row['peak_rss'] / r['model_bytes']:.2f} "
+                    f"| {row['peak_device'] / gb:.2f} GiB |"
+                )
+
+
+if __name__ == "__main__":
+    main()
