@@ -5,13 +5,14 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from de_run import wait_for_offspring
 import torch
 import yaml
 
@@ -133,19 +134,7 @@ def test_resume_after_kill_ends_with_the_uninterrupted_model(world, finished, tm
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([CLI, "evolve", str(config), "--out", str(run_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ledger = run_dir / "ledger.sqlite"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ledger.exists():
-            try:
-                n = sqlite3.connect(ledger).execute(
-                    "SELECT COUNT(*) FROM candidates WHERE role='offspring'").fetchone()[0]
-            except sqlite3.Error:
-                n = 0
-            if n >= 6:  # mid generation 2
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    wait_for_offspring(proc, run_dir, 6)  # mid generation 2
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert children, "the run started no merge-ahead worker"
     os.kill(proc.pid, signal.SIGKILL)

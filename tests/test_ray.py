@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from de_run import wait_for_offspring
 import yaml
 from click.testing import CliRunner
 
@@ -181,20 +181,7 @@ def test_driver_killed_and_resumed_ends_with_the_uninterrupted_model(
     env = {**os.environ, VARIABLE: json.dumps({"delay": 0.5})}
     proc = subprocess.Popen([CLI, "evolve", str(config), "--out", str(run_dir)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ledger = run_dir / "ledger.sqlite"
-    deadline = time.monotonic() + 300
-    n = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ledger.exists():
-            try:
-                n = sqlite3.connect(ledger).execute(
-                    "SELECT COUNT(*) FROM candidates WHERE role='offspring'").fetchone()[0]
-            except sqlite3.Error:
-                n = 0
-            if n >= 5:  # mid generation 2, with candidates of it in flight
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    wait_for_offspring(proc, run_dir, 5)  # mid generation 2, with candidates of it in flight
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "model").exists()
