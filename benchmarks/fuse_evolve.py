@@ -31,7 +31,7 @@ from mergekit_evolver.fusion import fuse  # noqa: E402
 from mergekit_evolver.fusion.config import parse_fusion_config  # noqa: E402
 from mergekit_evolver.fusion.testbed import build_fusion_testbed, example_config  # noqa: E402
 from mergekit_evolver.ledger import Ledger  # noqa: E402
-from mergekit_evolver.run import evolve  # noqa: E402
+from mergekit_evolver.run import evolve, member_labels  # noqa: E402
 from mergekit_evolver.testbed import task_name  # noqa: E402
 
 
@@ -79,17 +79,19 @@ def main() -> None:
         fused = {"config": example_config(tb.target, tb.sources, tb.corpus, seed=seed, steps=args.steps,
                                           fusion="min_ce", **{"lambda": 0.5}),
                  "out": str(runs / "fused_min_ce_0.5")}
+        fused_model = Path(fused["out"]) / "model"
+        names = {"input llama_rev": members[0], "input target": members[1], "input CLM-only control": members[2]}
         for name, section in (("evolve", None), ("fuse -> evolve", fused)):
             run_dir = runs / ("evolve" if section is None else "fuse_evolve") / f"g{args.generations}"
             cfg = config(tb, members, seed, args.generations, section)
             evolve(cfg, run_dir, resume=(run_dir / "ledger.sqlite").exists(), log=lambda *_: None)
             scores = held_out(run_dir)
             rows.setdefault(name, []).append(scores["evolved"])
-            if section is None:
-                for label in ("llama_rev", "target", "clm_only/model"):
-                    rows.setdefault(f"input {label}", []).append(scores[label])
-            else:
-                rows.setdefault("input fused_min_ce_0.5/model", []).append(scores["fused_min_ce_0.5/model"])
+            inputs = [Path(m) for m in members] + ([] if section is None else [fused_model])
+            label = dict(zip(map(str, inputs), member_labels(inputs)))
+            wanted = names if section is None else {"input fused (MinCE, lambda 0.5)": str(fused_model)}
+            for row, path in wanted.items():
+                rows.setdefault(row, []).append(scores[label[path]])
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rows.items()), flush=True)
     print(f"\nseeds {args.seeds}; mean held-out test accuracy over the 3 families; "
           f"{args.generations} generations of the Evolver")

@@ -3,7 +3,7 @@ documents scored per candidate, search wall time, and whether the decisions
 and the final model are the same.
 
 Run: .venv/bin/python benchmarks/racing.py [--testbed .testbed/merge_friendly] [--rounds 4]
-     [--confidence 0.95] [--runs runs/racing]
+     [--confidence 0.95] [--runs runs/racing] [--modes off,exact,statistical,subset]
 
 Three searches on the testbed, each with `fitness.racing.mode: off`, `exact`
 and `statistical`, and with `fitness.subset: {share: 0.25}` (exact racing on top): the demo's Evolver (mergekit_evolver/examples/demo.yml),
@@ -90,12 +90,16 @@ full_size.cache = {}
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n")[0], "runs/racing", rounds=4, confidence=0.95)
+    args = parse_args(__doc__.split("\n")[0], "runs/racing", rounds=4, confidence=0.95,
+                      modes="off,exact,statistical,subset")
+    modes = args.modes.split(",")
+    if modes[0] != "off":
+        raise SystemExit("--modes: off comes first, as what every other mode is compared with")
     testbed_for(args)
     rows = []
     for name, config in configs(args.rounds, args.confidence).items():
         where = Path(args.runs) / name.replace(" ", "_")
-        results = {mode: run(config, mode, where / mode) for mode in ("off", "exact", "statistical", "subset")}
+        results = {mode: run(config, mode, where / mode) for mode in modes}
         rows.append((name, results))
     print(f"\nrounds: {args.rounds}; confidence {args.confidence}; documents are summed over the dev tasks")
     print("| search | mode | candidates | raced out | documents scored (share of off) | run time (ratio to off) "

@@ -113,6 +113,21 @@ def test_merged_selection_on_ray_matches_in_process(cluster, world, tmp_path):
     assert model_bytes(tmp_path / "ray") == model_bytes(tmp_path / "here")
 
 
+def test_statistical_racing_paired_on_ray_matches_in_process(cluster, world, tmp_path):
+    # Each job carries the reference it is paired with (its parent's
+    # per-document values), and a worker's full score brings its own back.
+    from mergekit_evolver.run.context import REFERENCE
+
+    config = run_config(world, de__generations=3, fitness__racing={"mode": "statistical", "rounds": 5, "confidence": 0.9})
+    run(config, tmp_path / "here")
+    run(on_ray(config), tmp_path / "ray")
+    assert decisions(tmp_path / "ray") == decisions(tmp_path / "here")
+    assert model_bytes(tmp_path / "ray") == model_bytes(tmp_path / "here")
+    kept = lambda d: {k: Ledger(d).get_meta(k) for k in Ledger(d).meta_keys(REFERENCE)}  # noqa: E731
+    assert kept(tmp_path / "ray") == kept(tmp_path / "here") != {}
+    assert any(c.status == "raced" for c in Ledger(tmp_path / "ray").candidates("offspring"))
+
+
 def recipe_config(world, **search) -> dict:
     settings = {"merge_method": "dare_ties", "layer_granularity": 1, "filters": ["mlp"],
                 "budget": 10, "population_size": 5, **search}

@@ -151,6 +151,15 @@ class Ledger:
             (key, value),
         )
 
+    def meta_keys(self, prefix: str) -> list[str]:
+        rows = self.db.execute(
+            "SELECT key FROM meta WHERE substr(key, 1, ?) = ? ORDER BY key", (len(prefix), prefix)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def delete_meta(self, key: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+
     # -- candidates ---------------------------------------------------------
     def record(self, candidate: Candidate) -> None:
         row = asdict(candidate)

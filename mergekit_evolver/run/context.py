@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import yaml
 from mergekit.config import MergeConfiguration
@@ -40,7 +40,7 @@ from mergekit_evolver.scoring.evaluator import (
     check_chat_template,
     resolve_device,
 )
-from mergekit_evolver.scoring.racing import Bar
+from mergekit_evolver.scoring.racing import Bar, Reference
 from mergekit_evolver.scoring.subset import TaskSubset, stratified_subset
 from mergekit_evolver.search.protocol import Start, Strategy
 from mergekit_evolver.search.registry import STRATEGIES
@@ -48,6 +48,10 @@ from mergekit_evolver.search.registry import STRATEGIES
 Log = Callable[[str], None]
 CONFIG_FILE = "run.yml"
 DOCUMENTS = "documents/"  # ledger meta: an initial member's per-document dev values
+# Ledger meta: the per-document dev values of a model statistical racing pairs
+# candidates with (a member, by id; "merged": the best merged population;
+# "accepted": the last accepted candidate kept by no one).
+REFERENCE = "reference/"
 
 
 @dataclass
@@ -278,6 +282,7 @@ class Run:
                 if s.per_document is not None and config.fitness.subset is not None:
                     # Kept for the subset's strata, so a resume draws the same subset.
                     self.ledger.set_meta(DOCUMENTS + member.id, json.dumps(s.per_document))
+                self.keep_reference(member.id, s)
                 return Candidate(
                     step=f"init/{member.id}", generation=0, slot=i, role=Role.MEMBER,
                     status=Status.ACCEPTED, fitness=s.fitness, dev=s.scores, eval_s=s.seconds,
@@ -287,6 +292,29 @@ class Run:
             member.fitness = self.step(f"init/{member.id}", evaluate).fitness
         self.subset = self.fitness_subset(members)
         return members
+
+    # -- statistical racing's references ---------------------------------------
+    @property
+    def pairs(self) -> bool:
+        return self.config.fitness.racing.mode == "statistical"
+
+    def keep_reference(self, key: str, scored: Scored) -> None:
+        """Keep a fresh full score's per-document values as reference `key`
+        (written in the caller's transaction, so a resume finds what the row says)."""
+        if self.pairs and scored.complete and scored.per_document is not None and not scored.estimated:
+            self.ledger.set_meta(REFERENCE + key, json.dumps(scored.per_document))
+
+    def reference(self, key: str) -> Optional[Reference]:
+        value = self.ledger.get_meta(REFERENCE + key) if self.pairs else None
+        return None if value is None else Reference.of(json.loads(value))
+
+    def forget_references(self, members: Sequence[str]) -> None:
+        """Drop the references of members that left the population (none ever
+        comes back): what is kept stays bounded by the population's size, plus
+        "merged" and "accepted". Only the leavers are named, so that a resume,
+        replaying an early generation's end, keeps what later ones added."""
+        for member in members:
+            self.ledger.delete_meta(REFERENCE + member)
 
     def fitness_subset(self, members: list[Member]) -> Optional[dict[str, TaskSubset]]:
         """Each fitness task's subset, stratified on the initial members'

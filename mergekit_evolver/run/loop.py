@@ -45,6 +45,7 @@ class CandidateLoop:
     def __init__(self, run: Run, members: list[Member], *, generation_offset: int = 0):
         self.run = run
         self.paths: dict[str, Path] = {m.id: Path(m.path) for m in members}
+        self._members = [m.id for m in members]  # the population at the last generation's end
         # Generation numbers of a weight-space stage after a recipe search.
         self.generation_offset = generation_offset
         self._memo: dict[str, tuple[MergeConfiguration, str]] = {}
@@ -124,6 +125,9 @@ class CandidateLoop:
         accepted = strategy.tell(proposal, Result(scored.fitness, scored.scores, raced=raced))
         if raced and accepted:
             raise RuntimeError(f"{proposal.step}: a raced-out candidate was accepted; its bar was wrong")
+        holder = self.holds(proposal, accepted)
+        if holder is not None:
+            run.keep_reference(holder, scored)
         member = None
         if accepted and proposal.child is not None:
             dest = run.population_dir / proposal.child
@@ -192,17 +196,41 @@ class CandidateLoop:
         return run.score(state, digest=digest, bar=self.bar(proposal))
 
     def bar(self, proposal: Proposal) -> Optional[Bar]:
-        """The bar to race a proposal against: its own, where racing is on."""
+        """The bar to race a proposal against: its own, where racing is on,
+        with the reference statistical racing pairs it with."""
         racing = self.run.config.fitness.racing
         if racing.mode == "off" or proposal.bar is None:
             return None
-        return Bar(proposal.bar, proposal.bar_strict)
+        return Bar(proposal.bar, proposal.bar_strict, self.run.reference(self.paired_with(proposal)))
+
+    @staticmethod
+    def paired_with(proposal: Proposal) -> str:
+        """The reference most like what is scored: the best merged population
+        for a merged score, the parent for an offspring, else the last model
+        accepted. Any fully scored model gives a valid test; a close one a
+        tight one."""
+        if proposal.score_in is not None:
+            return "merged"
+        return proposal.like if proposal.like is not None else "accepted"
+
+    @staticmethod
+    def holds(proposal: Proposal, accepted: bool) -> Optional[str]:
+        """Which reference a scored proposal becomes (None: none)."""
+        if proposal.role == "merged" or (accepted and proposal.score_in is not None):
+            return "merged"
+        if accepted:
+            return proposal.child if proposal.child is not None else "accepted"
+        return None
 
     def end_generation(self, strategy: Strategy, seconds: float) -> None:
         end = strategy.end_generation()
         for child in end.dropped:
             shutil.rmtree(self.run.population_dir / child, ignore_errors=True)
             self.paths.pop(child, None)
+        if "members" in end.stats:
+            members = list(end.stats["members"])
+            self.run.forget_references(sorted(set(self._members) - set(members)))
+            self._members = members
         stats = {**end.stats, "seconds": round(seconds, 3)}
         self.run.ledger.record_generation(self.generation_offset + end.generation, stats)
         self.run.notify("generation", self.generation_offset + end.generation, stats)

@@ -130,7 +130,7 @@ class Suite:
             for name, docs in got.items():
                 per_doc[name].update(docs)
             if bar is not None and k + 1 < len(self.plan):
-                best = self.fitness(self._best_case(per_doc))
+                best = self.best_fitness(per_doc, bar)
                 if not racing_math.still_possible(best, bar):
                     return Scoring(self._partial(per_doc), False, best, self._counted(per_doc))
         return Scoring(self._aggregate(per_doc), True, None, self._counted(per_doc), self._values(per_doc))
@@ -138,9 +138,8 @@ class Suite:
     def _values(self, per_doc) -> dict[str, list[float]]:
         out = {}
         for spec in self.specs:
-            metric = fitness.metric_name(spec.metric)
-            docs = per_doc[spec.name]
-            out[spec.name] = [float(docs[i][metric]) for i in sorted(docs)]
+            values = self._metric_values(per_doc, spec)
+            out[spec.name] = [values[i] for i in sorted(values)]
         return out
 
     def estimate(self, lm, subset: Mapping[str, TaskSubset]) -> Scoring:
@@ -174,23 +173,52 @@ class Suite:
             }
         return out
 
-    def _best_case(self, per_doc) -> Scores:
-        """Each task at the best it could still reach: for certain (exact racing)
-        or with the configured confidence (statistical)."""
+    def best_fitness(self, per_doc, bar: racing_math.Bar) -> float:
+        """The best fitness a partly scored candidate could still reach: for
+        certain (exact racing), or at the configured confidence (statistical:
+        paired with the bar's reference where it has one, else a bound per task)."""
+        exact = self.fitness(self._best_case(per_doc, racing_math.best_case))
         racing = getattr(self.settings, "racing", None)
-        statistical = racing is not None and racing.mode == "statistical"
-        delta = (1 - racing.confidence) / len(self.specs) if statistical else None
+        if racing is None or racing.mode != "statistical":
+            return exact
+        if bar.reference is not None:
+            paired = racing_math.paired_best(
+                {spec.name: self._metric_values(per_doc, spec) for spec in self.specs}, bar.reference,
+                self.sizes, self._coefficients(), {spec.name: self._span(spec) for spec in self.specs},
+                racing_math.look_z(racing.confidence, len(self.plan)),
+            )
+            return exact if paired is None else min(exact, paired)
+        delta = (1 - racing.confidence) / len(self.specs)
+        return self.fitness(self._best_case(per_doc, lambda *args: racing_math.confident_best(*args, delta)))
+
+    def _best_case(self, per_doc, bound) -> Scores:
+        """Each task's metric at `bound`(values seen, documents, higher_is_better, metric, aggregation)."""
         out: Scores = {}
         for spec in self.specs:
             metric = fitness.metric_name(spec.metric)
-            docs = per_doc[spec.name]
+            values = self._metric_values(per_doc, spec)
             args = (
-                [docs[i][metric] for i in sorted(docs)], self.sizes[spec.name],
+                [values[i] for i in sorted(values)], self.sizes[spec.name],
                 self.higher_is_better[spec.name], metric, self.tasks[spec.name].aggregation()[metric],
             )
-            bound = racing_math.confident_best(*args, delta) if statistical else racing_math.best_case(*args)
-            out[spec.name] = {metric: bound}
+            out[spec.name] = {metric: bound(*args)}
         return out
+
+    def _metric_values(self, per_doc, spec: TaskSpec) -> dict[int, float]:
+        metric = fitness.metric_name(spec.metric)
+        return {i: float(d[metric]) for i, d in per_doc[spec.name].items()}
+
+    def _span(self, spec: TaskSpec) -> float:
+        low, high = racing_math.BOUNDED[fitness.metric_name(spec.metric)]
+        return high - low
+
+    def _coefficients(self) -> dict[str, float]:
+        """Each task's factor in the weighted mean fitness (signed: lower is better counts against)."""
+        weight = sum(spec.weight for spec in self.specs)
+        return {
+            spec.name: spec.weight / weight * (1.0 if self.higher_is_better[spec.name] else -1.0)
+            for spec in self.specs
+        }
 
     def _partial(self, per_doc) -> Scores:
         """A raced-out candidate's record: each task's metrics over the documents

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -26,11 +27,29 @@ BOUNDED = {"acc": (0.0, 1.0), "acc_norm": (0.0, 1.0), "exact_match": (0.0, 1.0)}
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A fully scored model's per-document values of each fitness task, in
+    document order: what statistical racing pairs a candidate with. Hashable,
+    so that it is part of a remote job's key."""
+
+    values: tuple[tuple[str, tuple[float, ...]], ...]
+
+    @classmethod
+    def of(cls, per_document: Mapping[str, Sequence[float]]) -> "Reference":
+        return cls(tuple(sorted((task, tuple(float(v) for v in vs)) for task, vs in per_document.items())))
+
+    def task(self, name: str) -> tuple[float, ...]:
+        return dict(self.values)[name]
+
+
+@dataclass(frozen=True)
 class Bar:
-    """What a candidate must do to be kept: beat `value` (strict) or reach it."""
+    """What a candidate must do to be kept: beat `value` (strict) or reach it.
+    `reference`: whom statistical racing pairs it with (None: no one)."""
 
     value: float
     strict: bool = True
+    reference: Optional[Reference] = None
 
     def passed_by(self, fitness: float) -> bool:
         return fitness > self.value if self.strict else fitness >= self.value
@@ -81,6 +100,47 @@ def confident_best(
     seen = float(aggregate(list(values)))
     eps = (high - low) * math.sqrt((1 - (n - 1) / total) * math.log(1 / delta) / (2 * n))
     return min(exact, seen + eps) if higher_is_better else max(exact, seen - eps)
+
+
+def look_z(confidence: float, rounds: int) -> float:
+    """The normal quantile of the paired test: 1 - confidence spread over the
+    looks a race takes (after every round but the last), so that stopping at
+    any of them errs with probability at most 1 - confidence (Bonferroni)."""
+    return NormalDist().inv_cdf(1 - (1 - confidence) / max(1, rounds - 1))
+
+
+def paired_best(
+    seen: Mapping[str, Mapping[int, float]], reference: Reference, sizes: Mapping[str, int],
+    coefficients: Mapping[str, float], span: Mapping[str, float], z: float,
+) -> Optional[float]:
+    """The candidate's fitness at most this, at the test's confidence: its
+    fitness is sum_t c_t * mean_t(x), the reference's plus sum_t c_t * mean_t(d)
+    with d = x - r per document. The seen documents are a random sample
+    without replacement of each task's, so each task's mean difference is
+    estimated by the seen mean, with variance s_t^2 / n_t * (1 - n_t / N_t).
+    None where a task has no document seen yet.
+
+    The spread s_t is taken over the seen differences and two pseudo-documents
+    at -span and +span: a sample in which no document has changed yet says
+    little about how many will, and a zero spread would stop a candidate on
+    its first round (Agresti and Caffo's adjustment for paired proportions
+    does the same)."""
+    fitness = spread = 0.0
+    for task, c in coefficients.items():
+        docs, ref, total = seen[task], reference.task(task), sizes[task]
+        if len(ref) != total:
+            raise ValueError(f"the reference has {len(ref)} documents of {task}, the task {total}")
+        n = len(docs)
+        if n == 0:
+            return None
+        diffs = [float(docs[i]) - ref[i] for i in sorted(docs)]
+        mean_diff = sum(diffs) / n
+        padded = diffs + [-span[task], span[task]]
+        centre = sum(padded) / len(padded)
+        variance = sum((d - centre) ** 2 for d in padded) / (len(padded) - 1)
+        fitness += c * (sum(ref) / total + mean_diff)
+        spread += c * c * variance / n * (1 - n / total)
+    return fitness + z * math.sqrt(spread)
 
 
 def can_race(metric: str, aggregate: Callable) -> bool:

@@ -63,6 +63,7 @@ def job_of(loop, proposal: Proposal, texts: dict, text: Optional[str] = None) ->
     return Job(
         step=proposal.step, text=text, score_in=score_in,
         bar=None if bar is None else bar.value, bar_strict=True if bar is None else bar.strict,
+        reference=None if bar is None else bar.reference,
         hold=proposal.child is not None,
     )
 

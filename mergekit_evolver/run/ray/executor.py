@@ -203,7 +203,10 @@ class RayExecutor:
             return Scored(run.dev.fitness(hit), hit, reply.eval_s, reply.scored_hash, True, None)
         if reply.complete:
             run.ledger.cache_scores(reply.scored_hash, key, reply.scores)
-        return Scored(reply.fitness, reply.scores, reply.eval_s, reply.scored_hash, reply.complete, reply.documents)
+        return Scored(
+            reply.fitness, reply.scores, reply.eval_s, reply.scored_hash, reply.complete, reply.documents,
+            reply.per_document,
+        )
 
     def _keep(self, reply: Reply, text: str, dest: Path, like: Path) -> Path:
         written = self.pool.write(reply, str(dest), str(like))

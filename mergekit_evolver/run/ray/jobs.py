@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mergekit_evolver.scoring.racing import Reference
+
 OK = "ok"
 NON_FINITE = "non_finite"
 FAILED = "failed"
@@ -25,13 +27,14 @@ class Job:
     score_in: Optional[str] = None
     bar: Optional[float] = None
     bar_strict: bool = True
+    reference: Optional[Reference] = None  # whom statistical racing pairs it with
     # The candidate may be kept: its worker holds its weights until the
     # driver says to write or drop them.
     hold: bool = False
 
     @property
     def key(self) -> tuple:
-        return (self.step, self.text, self.score_in, self.bar, self.bar_strict, self.hold)
+        return (self.step, self.text, self.score_in, self.bar, self.bar_strict, self.reference, self.hold)
 
 
 @dataclass
@@ -48,5 +51,6 @@ class Reply:
     fitness: Optional[float] = None
     complete: bool = True
     documents: Optional[tuple[int, int]] = None
+    per_document: Optional[dict] = None  # a complete score's, as Scoring has them
     merge_s: float = 0.0
     eval_s: float = 0.0

@@ -133,12 +133,13 @@ class Worker:
             scored_digest = None
         from mergekit_evolver.scoring.racing import Bar
 
-        bar = None if job.bar is None else Bar(job.bar, job.bar_strict)
+        bar = None if job.bar is None else Bar(job.bar, job.bar_strict, job.reference)
         scored = self.evaluator.score(scored_state, self.suite, scored_digest, bar)
         fitness = self.suite.fitness(scored.scores) if scored.complete else scored.best
         reply = Reply(
             job.step, job.key, OK, self.index, content_hash=digest, scored_hash=scored.content_hash,
             scores=scored.scores, fitness=fitness, complete=scored.complete, documents=scored.documents,
+            per_document=scored.per_document,
             merge_s=merge_s, eval_s=scored.seconds,
         )
         return reply, state
