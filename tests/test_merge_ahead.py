@@ -13,7 +13,6 @@ import torch
 from mergekit.options import MergeOptions
 
 from mergekit_evolver.config import EvolveConfig
-from mergekit_evolver.merging.fingerprint import content_hash
 from mergekit_evolver.ledger import Ledger
 from mergekit_evolver.merging.merge import merge_in_memory
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
@@ -71,7 +70,6 @@ def test_the_worker_merges_bit_for_bit_what_a_merge_here_gives(ahead, population
     for key, tensor in here.items():
         assert got.state[key].dtype == tensor.dtype and got.state[key].shape == tensor.shape, key
         assert torch.equal(got.state[key].view(torch.uint8), tensor.view(torch.uint8)), key
-    assert got.content_hash == content_hash(here)
     assert got.non_finite is None
 
 

@@ -42,7 +42,6 @@ class Merged:
     """A merged state with what a search checks on every candidate."""
 
     state: StateDict
-    content_hash: str
     non_finite: Optional[str]  # the first tensor holding NaN or Inf, if any
 
 
@@ -64,7 +63,7 @@ def serve(conn: Connection) -> None:
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from mergekit_evolver.merging.fingerprint import content_hash, first_non_finite
+    from mergekit_evolver.merging.fingerprint import first_non_finite
     from mergekit_evolver.merging.merge import merge_in_memory
     from mergekit_evolver.population.store import read_from_files
 
@@ -79,7 +78,6 @@ def serve(conn: Connection) -> None:
                 reply = (
                     "ok",
                     [(name, str(t.dtype), tuple(t.shape), t.numel() * t.element_size()) for name, t in state.items()],
-                    content_hash(state),
                     first_non_finite(state),
                 )
             except Exception as e:  # the search merges it itself and meets the error there
@@ -203,7 +201,7 @@ class MergeAhead:
             reply = self._conn.recv()
             if reply[0] != "ok":
                 return None
-            _, meta, digest, non_finite = reply
+            _, meta, non_finite = reply
             state: StateDict = {}
             for name, dtype_name, shape, nbytes in meta:
                 dtype = _dtype(dtype_name)
@@ -216,7 +214,7 @@ class MergeAhead:
         except (EOFError, OSError, ValueError):
             self.close()  # from now on every merge is in-process
             return None
-        return Merged(state, digest, non_finite)
+        return Merged(state, non_finite)
 
     def close(self) -> None:
         """Stop the worker. It holds nothing that needs saving (it writes no

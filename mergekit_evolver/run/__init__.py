@@ -70,7 +70,7 @@ def search(run: Run, members: list[Member]) -> tuple[list[Member], Optional[Merg
     loop = CandidateLoop(run, members)
     outcome = loop.drive(run.strategy(name, members))
     if outcome.recipe is None:
-        return [Member(m, loop.paths[m], f) for m, f in zip(outcome.members, outcome.fitness)], None
+        return [Member(m, loop.paths[m], f, loop.ids[m]) for m, f in zip(outcome.members, outcome.fitness)], None
     best = parse_merge_config(dict(outcome.recipe), where="search (best recipe)")
     write_best_recipe(run, best, outcome.fitness[0], outcome.best_step)
     if not (name == "recipe" and run.config.search.hybrid):
@@ -87,10 +87,11 @@ def search(run: Run, members: list[Member]) -> tuple[list[Member], Optional[Merg
         )
 
     run.step("search/best", seed_member)
-    members = [*members, Member("search_best", dest, outcome.fitness[0])]
+    # Its identity is the best candidate's, which the materialized recipe is, bit for bit.
+    members = [*members, Member("search_best", dest, outcome.fitness[0], run.ledger.find(outcome.best_step).content_hash)]
     evolver = CandidateLoop(run, members, generation_offset=generation)
     final = evolver.drive(run.strategy("evolver", members))
-    return [Member(m, evolver.paths[m], f) for m, f in zip(final.members, final.fitness)], None
+    return [Member(m, evolver.paths[m], f, evolver.ids[m]) for m, f in zip(final.members, final.fitness)], None
 
 
 def member_labels(paths: list[Path]) -> list[str]:

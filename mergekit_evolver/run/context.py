@@ -21,7 +21,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.ledger import LEDGER_FILE, Candidate, Ledger, Role, Status
-from mergekit_evolver.merging.fingerprint import first_non_finite
+from mergekit_evolver.merging.fingerprint import content_hash, first_non_finite
 from mergekit_evolver.merging.merge import StateDict, merge_to_disk
 from mergekit_evolver.population.store import (
     MemorySlot,
@@ -52,6 +52,7 @@ DOCUMENTS = "documents/"  # ledger meta: an initial member's per-document dev va
 # candidates with (a member, by id; "merged": the best merged population;
 # "accepted": the last accepted candidate kept by no one).
 REFERENCE = "reference/"
+BASE_IDENTITY = "identity/base_model"  # ledger meta: the base model's byte hash
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Member:
     id: str
     path: Path
     fitness: Optional[float] = None
+    # Its identity (merging/identity.py): its byte hash when it entered the
+    # run, or an accepted candidate's derived identity.
+    content_id: Optional[str] = None
 
 
 @dataclass
@@ -137,6 +141,7 @@ class Run:
         for stray in clean_population(self.population_dir, (c.member for c in self.ledger.candidates() if c.member)):
             self.log(f"removed {stray}: left by a killed run, no ledger row refers to it")
         self.like = Path(config.population.models[0])
+        self._base_identity: Optional[str] = None
         self.slot = MemorySlot(self.run_dir / "scratch", self.like)
         self.executor.in_memory.add(self.slot.ref)
         self.evaluator = Evaluator(self.like, settings, self.ledger)
@@ -289,9 +294,36 @@ class Run:
                     member=str(member.path), content_hash=s.content_hash,
                 )
 
-            member.fitness = self.step(f"init/{member.id}", evaluate).fitness
+            replayed = self.ledger.find(f"init/{member.id}") is not None
+            row = self.step(f"init/{member.id}", evaluate)
+            if replayed:
+                self.check_unchanged(member.path, row.content_hash)
+            member.fitness, member.content_id = row.fitness, row.content_hash
         self.subset = self.fitness_subset(members)
         return members
+
+    # -- identities (merging/identity.py) ------------------------------------------
+    def check_unchanged(self, path: Path, recorded: Optional[str]) -> None:
+        """Candidates' identities derive from their inputs' identities taken
+        when the run started, so a resume must start from the same weights."""
+        if recorded is not None and content_hash(load_state(path)) != recorded:
+            raise UserError(f"{path}: its weights changed since this run started; resume with the models it started with")
+
+    def model_identity(self, path: str) -> str:
+        """An input model outside the population (the base model), named in a
+        recipe by path: its byte hash, taken once and kept in the ledger."""
+        base = self.config.population.base_model
+        if base is None or Path(path) != Path(base):
+            return path
+        if self._base_identity is None:
+            recorded = self.ledger.get_meta(BASE_IDENTITY)
+            if recorded is None:
+                recorded = content_hash(load_state(Path(base)))
+                self.ledger.set_meta(BASE_IDENTITY, recorded)
+            else:
+                self.check_unchanged(Path(base), recorded)
+            self._base_identity = recorded
+        return self._base_identity
 
     # -- statistical racing's references ---------------------------------------
     @property

@@ -22,7 +22,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_evolver.merging.ahead import MergeAhead, Merged
-from mergekit_evolver.merging.fingerprint import content_hash, first_non_finite
+from mergekit_evolver.merging.fingerprint import first_non_finite
 from mergekit_evolver.merging.merge import StateDict, merge_in_memory
 from mergekit_evolver.population.store import read_from_files
 
@@ -33,7 +33,7 @@ class Evaluated:
     before the strategy hears of it."""
 
     merge_s: float
-    digest: Optional[str] = None  # the candidate's content hash
+    digest: Optional[str] = None  # the candidate's identity (merging/identity.py)
     non_finite: Optional[str] = None  # the first tensor holding NaN or Inf
     error: Optional[str] = None  # it failed (remote executors): why
     scored: Any = None  # run.context.Scored
@@ -67,7 +67,7 @@ class InProcess:
         merged = self.ahead.take(text)
         if merged is None:
             state = self.merge(recipe)
-            merged = Merged(state, content_hash(state), first_non_finite(state))
+            merged = Merged(state, first_non_finite(state))
         return merged
 
     def expect(self, text: str) -> None:

@@ -15,13 +15,14 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from mergekit.config import MergeConfiguration
 from tqdm import tqdm
 
 from mergekit_evolver.kinship.metrics import pairwise_kinship
 from mergekit_evolver.ledger import Candidate, Role, Status
+from mergekit_evolver.merging.identity import derived_identity
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
 from mergekit_evolver.population.store import write_individual
 from mergekit_evolver.run.context import Member, Run
@@ -41,10 +42,33 @@ from mergekit_evolver.search.protocol import (
 _REFERENCE_KEYS = ("model", "base_model")
 
 
+def substitute(
+    data: Any, member: Callable[[str], str], candidate: Optional[str], other: Callable[[str], str] = str,
+    key: Optional[str] = None,
+) -> Any:
+    """Recipe data with each member reference (under `model` or
+    `base_model`) replaced by `member`(its id), CANDIDATE by `candidate`,
+    and any other model there by `other`(its path)."""
+    if isinstance(data, Mapping):
+        return {k: substitute(v, member, candidate, other, k) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [substitute(v, member, candidate, other, key) for v in data]
+    if key in _REFERENCE_KEYS and isinstance(data, str):
+        if data == CANDIDATE:
+            return candidate
+        if data.startswith(MEMBER):
+            name, sep, rest = data[len(MEMBER):].partition("/")
+            return member(name) + sep + rest
+        return other(data)
+    return data
+
+
 class CandidateLoop:
     def __init__(self, run: Run, members: list[Member], *, generation_offset: int = 0):
         self.run = run
         self.paths: dict[str, Path] = {m.id: Path(m.path) for m in members}
+        # Each member's identity (merging/identity.py), what candidates' identities are derived from.
+        self.ids: dict[str, Optional[str]] = {m.id: m.content_id for m in members}
         self._members = [m.id for m in members]  # the population at the last generation's end
         # Generation numbers of a weight-space stage after a recipe search.
         self.generation_offset = generation_offset
@@ -96,6 +120,7 @@ class CandidateLoop:
             self.run.notify("candidate", row)
         if accepted and proposal.child is not None:
             self.paths[proposal.child] = Path(row.member)
+            self.ids[proposal.child] = row.content_hash
         return row
 
     def _compute(
@@ -164,9 +189,10 @@ class CandidateLoop:
         merged = run.executor.candidate(recipe, text)
         merge_s = time.perf_counter() - start
         self.expect_next(strategy, proposal)
+        digest = self.identity(proposal.recipe)
         if merged.non_finite is not None:
-            return Evaluated(merge_s, merged.content_hash, merged.non_finite)
-        state, digest = merged.state, merged.content_hash
+            return Evaluated(merge_s, digest, merged.non_finite)
+        state = merged.state
         scored_state, scored_digest = state, digest
         if proposal.score_in is not None:
             ref = run.slot.serve(state)
@@ -174,7 +200,7 @@ class CandidateLoop:
             scored_state = run.merge(self.recipe(proposal.score_in, proposal.step, ref.model.path)[0])
             merge_s += time.perf_counter() - start
             run.slot.clear()
-            scored_digest = None
+            scored_digest = self.identity(proposal.score_in, digest)
         scored = self.score(proposal, scored_state, scored_digest)
         return Evaluated(
             merge_s, digest, scored=scored,
@@ -272,17 +298,22 @@ class CandidateLoop:
             self._memo[key] = (recipe, recipe_yaml(recipe))
         return self._memo[key]
 
-    def _resolve(self, data: Any, candidate: Optional[str], key: Optional[str] = None) -> Any:
-        if isinstance(data, Mapping):
-            return {k: self._resolve(v, candidate, k) for k, v in data.items()}
-        if isinstance(data, (list, tuple)):
-            return [self._resolve(v, candidate, key) for v in data]
-        if key in _REFERENCE_KEYS and isinstance(data, str) and data.startswith(MEMBER):
-            if data == CANDIDATE:
-                return candidate
-            member, sep, rest = data[len(MEMBER):].partition("/")
-            return str(self.paths[member]) + sep + rest
-        return data
+    def _resolve(self, data: Any, candidate: Optional[str]) -> Any:
+        """A recipe over the members' dirs (CANDIDATE: `candidate`)."""
+        return substitute(data, lambda member: str(self.paths[member]), candidate)
+
+    def identity(self, data: Mapping[str, Any], candidate: Optional[str] = None) -> str:
+        """A recipe's candidate identity, derived from the members' (CANDIDATE:
+        `candidate`, the identity of the candidate a merged score is around)."""
+
+        def of(member: str) -> str:
+            if self.ids.get(member) is None:
+                raise RuntimeError(f"member {member} has no identity to derive a candidate's from")
+            return self.ids[member]
+
+        options = self.run.options
+        named = substitute(data, of, candidate, self.run.model_identity)
+        return derived_identity(named, device=options.device, seed=options.random_seed)
 
     def kinship(self, request: KinshipRequest) -> dict[tuple[str, str], float]:
         """Kinship of every pair among the members a request names (one

@@ -57,11 +57,14 @@ def job_of(loop, proposal: Proposal, texts: dict, text: Optional[str] = None) ->
         texts.clear()
     texts[key] = text
     score_in = None
+    identity = loop.identity(proposal.recipe)
+    scored_identity = identity
     if proposal.score_in is not None:
         score_in = json.dumps(loop._resolve(proposal.score_in, CANDIDATE), sort_keys=True, default=str)
+        scored_identity = loop.identity(proposal.score_in, identity)
     bar = loop.bar(proposal)
     return Job(
-        step=proposal.step, text=text, score_in=score_in,
+        step=proposal.step, text=text, identity=identity, scored_identity=scored_identity, score_in=score_in,
         bar=None if bar is None else bar.value, bar_strict=True if bar is None else bar.strict,
         reference=None if bar is None else bar.reference,
         hold=proposal.child is not None,

@@ -21,6 +21,10 @@ class Job:
 
     step: str
     text: str
+    # The candidate's identity and that of what is scored (merging/identity.py),
+    # derived on the driver: a worker reads no byte to name a candidate.
+    identity: str = ""
+    scored_identity: str = ""
     # Merged selection: the recipe scored instead of the candidate's own, as
     # JSON with the candidate still named CANDIDATE (each worker serves it
     # from its own memory slot).
@@ -34,7 +38,10 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.step, self.text, self.score_in, self.bar, self.bar_strict, self.reference, self.hold)
+        return (
+            self.step, self.text, self.identity, self.scored_identity, self.score_in, self.bar, self.bar_strict,
+            self.reference, self.hold,
+        )
 
 
 @dataclass
@@ -44,9 +51,9 @@ class Reply:
     status: str  # OK, NON_FINITE or FAILED
     worker: int
     error: Optional[str] = None
-    content_hash: Optional[str] = None  # of the candidate's own weights
+    content_hash: Optional[str] = None  # the candidate's identity
     non_finite: Optional[str] = None  # the first tensor holding NaN or Inf
-    scored_hash: Optional[str] = None  # of the weights scored (score_in: the merged population)
+    scored_hash: Optional[str] = None  # of what was scored (score_in: the merged population)
     scores: dict[str, Any] = field(default_factory=dict)
     fitness: Optional[float] = None
     complete: bool = True

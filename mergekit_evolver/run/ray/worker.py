@@ -113,7 +113,7 @@ class Worker:
         import yaml
         from mergekit.config import MergeConfiguration
 
-        from mergekit_evolver.merging.fingerprint import content_hash, first_non_finite
+        from mergekit_evolver.merging.fingerprint import first_non_finite
         from mergekit_evolver.merging.merge import merge_in_memory
         from mergekit_evolver.population.store import read_from_files
 
@@ -121,16 +121,15 @@ class Worker:
         recipe = MergeConfiguration.model_validate(yaml.safe_load(job.text))
         read_from_files(recipe.referenced_models())
         state = merge_in_memory(recipe, self.options)
-        digest, bad = content_hash(state), first_non_finite(state)
+        digest, bad = job.identity, first_non_finite(state)
         merge_s = time.perf_counter() - start
         if bad is not None:
             return Reply(job.step, job.key, NON_FINITE, self.index, content_hash=digest, non_finite=bad, merge_s=merge_s), None
-        scored_state, scored_digest = state, digest
+        scored_state, scored_digest = state, job.scored_identity
         if job.score_in is not None:
             start = time.perf_counter()
             scored_state = self._merged_with(state, job)
             merge_s += time.perf_counter() - start
-            scored_digest = None
         from mergekit_evolver.scoring.racing import Bar
 
         bar = None if job.bar is None else Bar(job.bar, job.bar_strict, job.reference)
