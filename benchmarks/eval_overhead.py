@@ -76,6 +76,30 @@ class Clock:
 
         setattr(owner, name, timed)
 
+    def wrap_stream(self, owner, name: str, label: str) -> None:
+        """A generator function: the time spent making each item counts, not
+        the time its consumer spends between items."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*a, **kw):
+            stream = original(*a, **kw)
+            try:
+                while True:
+                    start = time.perf_counter()
+                    try:
+                        item = next(stream)
+                    except StopIteration:
+                        return
+                    finally:
+                        if self.on:
+                            self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+                    yield item
+            finally:
+                stream.close()
+
+        setattr(owner, name, timed)
+
 
 def random_population(root: Path, like: Path, width: int, layers: int, n: int) -> tuple[list[Path], Path]:
     """A random base Llama and n perturbed copies, with the testbed's tokenizer."""
@@ -188,6 +212,7 @@ def timed_run(config, run_dir: Path, merge_ahead: bool, spare_core: bool = False
         totals.wrap(HFLM, name, "model")
     clock.wrap(lm_eval.evaluator, "evaluate", "evaluate")  # fitness imports it per call
     clock.wrap(executor, "merge_in_memory", "merge")
+    clock.wrap_stream(executor, "merge_tensors", "merge")  # a candidate streamed into the resident model
     clock.wrap(MergeAhead, "take", "take")
     clock.wrap(CandidateLoop, "_compute", "candidate")
     clock.wrap(run_module, "search", "search")

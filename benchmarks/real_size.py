@@ -101,6 +101,7 @@ def child(args) -> None:
     for name in MODEL_CALLS:
         clock.wrap(HFLM, name, "model")
     clock.wrap(executor, "merge_in_memory", "merge")
+    clock.wrap_stream(executor, "merge_tensors", "merge")  # a candidate streamed into the resident model
     rows = []
     original = CandidateLoop._compute
 

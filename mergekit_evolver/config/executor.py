@@ -10,7 +10,7 @@ is checked when the run starts, not here.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
@@ -33,6 +33,34 @@ class ExecutorConfig(Strict):
     # How often a candidate whose worker died is tried again before it is
     # recorded as failed.
     max_retries: int = Field(2, ge=0)
+
+    # The population cache (population/cache.py): members' tensors held in
+    # memory up to this many bytes, least recently used out first. "auto": a
+    # quarter of the memory free when the run starts, on the device it lives
+    # on; 0: every merge reads its members from their files. In-process
+    # merges only: Ray workers read from files.
+    cache_bytes: Union[Literal["auto"], int] = "auto"
+    # Where it lives: host memory, or the device the merge math runs on
+    # (fitness.device; on a CPU run the two are one).
+    cache_on: Literal["host", "device"] = "host"
+
+    @field_validator("cache_bytes", mode="before")
+    @classmethod
+    def _cache_bytes(cls, value):
+        # Before the union's own checks, which would answer twice, once per arm.
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"cache_bytes must be auto or a number of bytes >= 0; got {value!r}")
+        return value
+
+    def cache_device(self, math_device: str) -> str:
+        return math_device if self.cache_on == "device" else "cpu"
+
+    def cache_budget(self, math_device: str) -> int:
+        from mergekit_evolver.population.cache import auto_budget
+
+        if self.cache_bytes == "auto":
+            return auto_budget(self.cache_device(math_device))
+        return int(self.cache_bytes)
 
     @field_validator("address")
     @classmethod

@@ -68,9 +68,13 @@ def first_non_finite(state: Mapping[str, torch.Tensor]) -> Optional[str]:
     the min or the max. That is about ten times faster than isfinite().all(),
     which builds a mask the size of the tensor."""
     for name, tensor in state.items():
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        low, high = torch.aminmax(tensor)
-        if not (torch.isfinite(low) and torch.isfinite(high)):
+        if not tensor_is_finite(tensor):
             return name
     return None
+
+
+def tensor_is_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+import torch
 import transformers
 from mergekit.architecture import get_architecture_info
 from mergekit.config import MergeConfiguration
@@ -132,13 +133,22 @@ def merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> StateD
     randomized method (DARE, DELLA) draws here exactly what `mergekit-yaml
     --random-seed` draws for the same recipe; the caller's RNG state is kept.
     """
+    return dict(merge_tensors(config, options))
+
+
+def merge_tensors(config: MergeConfiguration, options: MergeOptions) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merge as mergekit's executor makes it: each output tensor, by name,
+    as soon as it is done, so a caller that copies it away (the resident
+    model, scoring/evaluator.py) never holds the whole merged model. The
+    global RNG is the merge's until the last tensor is out (or the stream is
+    closed), then the caller's again."""
     with keep_global_rng():
         if options.random_seed is not None:
             transformers.trainer_utils.set_seed(options.random_seed)
-        return _merge_in_memory(config, options)
+        yield from _merge_stream(config, options)
 
 
-def _merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> StateDict:
+def _merge_stream(config: MergeConfiguration, options: MergeOptions) -> Iterator[tuple[str, torch.Tensor]]:
     LoaderCache().setup(options)
     arch_info = get_architecture_info(config, options)
     out_config = _model_out_config(
@@ -155,4 +165,5 @@ def _merge_in_memory(config: MergeConfiguration, options: MergeOptions) -> State
         for weight, task in planner._tensors
     ]
     executor = Executor(targets, math_device=options.device or "cpu", storage_device="cpu")
-    return {task.weight_info.name: value for task, value in executor.run(quiet=True)}
+    for task, value in executor.run(quiet=True):
+        yield task.weight_info.name, value

@@ -25,6 +25,7 @@ from mergekit.io.tasks import LoaderCache
 from safetensors.torch import save_file
 
 from mergekit_evolver.errors import UserError
+from mergekit_evolver.population.cache import POPULATION_CACHE
 
 # A model's weights by tensor name: the one spelling, used across the package.
 StateDict = dict[str, torch.Tensor]
@@ -178,7 +179,9 @@ class _OwnLoader(LazyTensorLoader):
         for name in [key, *(aliases or [])]:
             tensor = self._lookup(name)
             if tensor is not None:
-                return tensor.to(device)
+                # One held on an accelerator (population/cache.py) stays there:
+                # mergekit's executor moves each task's result where it keeps them.
+                return tensor if tensor.device.type != "cpu" else tensor.to(device)
         if raise_on_missing:
             raise KeyError(key)
         return None
@@ -211,9 +214,18 @@ class FileLoader(_OwnLoader):
             shards=[ShardInfo(filename=f, contained_keys=keys) for f, keys in contents.items()],
         )
         super().__init__(index, lazy_unpickle=False)
+        self.key = str(model_dir)
+        self.nbytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for _, _, e in self._entries.values())
 
     def _lookup(self, name: str) -> Optional[torch.Tensor]:
-        return self._read(*self._entries[name]) if name in self._entries else None
+        return POPULATION_CACHE.tensor(self, name) if name in self._entries else None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor from its file, never from the cache."""
+        return self._read(*self._entries[name])
 
     @staticmethod
     def _read(path: Path, start: int, entry: dict) -> torch.Tensor:

@@ -23,8 +23,11 @@ from mergekit.options import MergeOptions
 
 from mergekit_evolver.merging.ahead import MergeAhead, Merged
 from mergekit_evolver.merging.fingerprint import first_non_finite
-from mergekit_evolver.merging.merge import StateDict, merge_in_memory
-from mergekit_evolver.population.store import read_from_files
+from mergekit_evolver.merging.merge import StateDict, merge_in_memory, merge_tensors
+from mergekit.io.tasks import LoaderCache
+
+from mergekit_evolver.population.cache import POPULATION_CACHE
+from mergekit_evolver.population.store import FileLoader, read_from_files
 
 
 @dataclass
@@ -46,20 +49,29 @@ class Evaluated:
 class InProcess:
     remote = False
 
-    def __init__(self, options: MergeOptions, merge_ahead: bool):
+    def __init__(self, options: MergeOptions, merge_ahead: bool, cache_bytes: int = 0, cache_device: str = "cpu"):
         self.options = options
         # Models served from memory (population.store.MemorySlot), never read from files.
         self.in_memory: set = set()
+        POPULATION_CACHE.configure(cache_bytes, cache_device)
         # Started first, so that the worker's imports overlap loading tasks and the model.
         self.ahead = MergeAhead(options, enabled=merge_ahead)
         self.ahead.start()
 
     @property
     def ahead_enabled(self) -> bool:
-        return self.ahead.enabled
+        """Whether it uses a guess at the next recipe (`expect`)."""
+        return self.ahead.enabled or POPULATION_CACHE.budget > 0
+
+    def _from_files(self, recipe: MergeConfiguration) -> None:
+        """The recipe's on-disk members read through mergekit's loaders (and
+        the population cache, where they stay pinned for this merge)."""
+        refs = [m for m in recipe.referenced_models() if m not in self.in_memory]
+        read_from_files(refs)
+        POPULATION_CACHE.pin(str(ref.model.path) for ref in refs)
 
     def merge(self, recipe: MergeConfiguration) -> StateDict:
-        read_from_files(m for m in recipe.referenced_models() if m not in self.in_memory)
+        self._from_files(recipe)
         return merge_in_memory(recipe, self.options)
 
     def candidate(self, recipe: MergeConfiguration, text: str) -> Merged:
@@ -70,14 +82,42 @@ class InProcess:
             merged = Merged(state, first_non_finite(state))
         return merged
 
-    def expect(self, text: str) -> None:
-        self.ahead.expect(text)
+    def candidate_into(self, resident, recipe: MergeConfiguration, text: str):
+        """A candidate into the resident model (scoring/evaluator.py): the
+        worker's result if it made this very recipe (loaded whole: it crossed
+        a socket as one state), else merged here, tensor by tensor, straight
+        into the resident parameters. Returns (Streamed, the whole state or None)."""
+        from mergekit_evolver.scoring.evaluator import Streamed
+
+        merged = self.ahead.take(text)
+        if merged is not None:
+            if merged.non_finite is None:
+                resident.load(merged.state)
+            return Streamed(list(merged.state), merged.non_finite, False), merged.state
+        self._from_files(recipe)
+        stream = merge_tensors(recipe, self.options)
+        try:
+            return resident.stream(stream), None
+        finally:
+            stream.close()
+
+    def expect(self, recipe: MergeConfiguration, text: str) -> None:
+        """The recipe likely to come next: the merge-ahead worker makes it, or
+        the population cache reads its members while this candidate is scored."""
+        if self.ahead.enabled:
+            self.ahead.expect(text)
+            return
+        refs = [m for m in recipe.referenced_models() if m not in self.in_memory]
+        read_from_files(refs)
+        loaders = LoaderCache().loaders
+        POPULATION_CACHE.prefetch(loaders[ref] for ref in refs if isinstance(loaders.get(ref), FileLoader))
 
     def open(self, run_dir: Path, models: list[str]) -> None:
         """The run dir exists: nothing to check, every merge reads from here."""
 
     def close(self) -> None:
         self.ahead.close()
+        POPULATION_CACHE.configure(0)
 
 
 
@@ -88,4 +128,6 @@ def make_executor(config, run_dir: Path, options: MergeOptions, log):
         from mergekit_evolver.run.ray.executor import RayExecutor
 
         return RayExecutor(config, run_dir, options, log)
-    return InProcess(options, config.merge_ahead)
+    device = options.device or "cpu"
+    return InProcess(options, config.merge_ahead, config.executor.cache_budget(device),
+                     config.executor.cache_device(device))

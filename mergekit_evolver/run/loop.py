@@ -24,6 +24,7 @@ from mergekit_evolver.kinship.metrics import pairwise_kinship
 from mergekit_evolver.ledger import Candidate, Role, Status
 from mergekit_evolver.merging.identity import derived_identity
 from mergekit_evolver.recipes.parse import parse_merge_config, recipe_yaml
+from mergekit_evolver.population.cache import POPULATION_CACHE
 from mergekit_evolver.population.store import write_individual
 from mergekit_evolver.run.context import Member, Run
 from mergekit_evolver.run.executor import Evaluated
@@ -185,11 +186,13 @@ class CandidateLoop:
         self, strategy: Strategy, proposal: Proposal, recipe: MergeConfiguration, text: str
     ) -> Evaluated:
         run = self.run
+        digest = self.identity(proposal.recipe)
+        if proposal.score_in is None:
+            return self._stream_here(strategy, proposal, recipe, text, digest)
         start = time.perf_counter()
         merged = run.executor.candidate(recipe, text)
         merge_s = time.perf_counter() - start
         self.expect_next(strategy, proposal)
-        digest = self.identity(proposal.recipe)
         if merged.non_finite is not None:
             return Evaluated(merge_s, digest, merged.non_finite)
         state = merged.state
@@ -206,6 +209,28 @@ class CandidateLoop:
             merge_s, digest, scored=scored,
             keep=lambda dest, like: write_individual(state, dest, like=like),
         )
+
+    def _stream_here(
+        self, strategy: Strategy, proposal: Proposal, recipe: MergeConfiguration, text: str, digest: str
+    ) -> Evaluated:
+        """A candidate merged straight into the resident model and scored
+        there. Kept, it is written from the resident copy where that holds its
+        exact bits, else merged again (a merge is a function of its recipe)."""
+        run = self.run
+        resident = run.evaluator.resident
+        start = time.perf_counter()
+        streamed, whole = run.executor.candidate_into(resident, recipe, text)
+        merge_s = time.perf_counter() - start
+        self.expect_next(strategy, proposal)
+        if streamed.non_finite is not None:
+            return Evaluated(merge_s, digest, streamed.non_finite)
+        scored = self.score(proposal, None, digest)
+
+        def keep(dest: Path, like: Path) -> Path:
+            state = whole if whole is not None else resident.state(streamed.names) if streamed.exact else None
+            return write_individual(state if state is not None else run.merge(recipe), dest, like=like)
+
+        return Evaluated(merge_s, digest, scored=scored, keep=keep)
 
     def score(self, proposal: Proposal, state, digest: Optional[str]):
         """A candidate's dev scores. With a fitness subset, its estimate first:
@@ -252,10 +277,15 @@ class CandidateLoop:
         end = strategy.end_generation()
         for child in end.dropped:
             shutil.rmtree(self.run.population_dir / child, ignore_errors=True)
-            self.paths.pop(child, None)
+            if child in self.paths:
+                POPULATION_CACHE.forget(str(self.paths.pop(child)))
         if "members" in end.stats:
             members = list(end.stats["members"])
-            self.run.forget_references(sorted(set(self._members) - set(members)))
+            leavers = sorted(set(self._members) - set(members))
+            self.run.forget_references(leavers)
+            for leaver in leavers:
+                if leaver in self.paths:
+                    POPULATION_CACHE.forget(str(self.paths[leaver]))
             self._members = members
         stats = {**end.stats, "seconds": round(seconds, 3)}
         self.run.ledger.record_generation(self.generation_offset + end.generation, stats)
@@ -281,7 +311,7 @@ class CandidateLoop:
             upcoming = after.ask()
         if upcoming is None or self.run.ledger.find(upcoming.step) is not None:
             return
-        self.run.executor.expect(self.recipe(upcoming.recipe, upcoming.step)[1])
+        self.run.executor.expect(*self.recipe(upcoming.recipe, upcoming.step))
 
     # -- what the loop gives a strategy -----------------------------------------
     def recipe(

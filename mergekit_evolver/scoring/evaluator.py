@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from mergekit_evolver.scoring import racing as racing_math
 from mergekit_evolver.scoring.subset import TaskSubset
 from mergekit_evolver.config import EvalSettings, TaskSpec
 from mergekit_evolver.errors import UserError
-from mergekit_evolver.merging.fingerprint import content_hash
+from mergekit_evolver.merging.fingerprint import content_hash, tensor_is_finite
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 # Racing's chunks are one fixed draw, the same in every run: the order documents
@@ -367,6 +367,49 @@ class ResidentModel:
         for name, tensor in state.items():
             self._params[name].copy_(tensor)
 
+    @torch.no_grad()
+    def stream(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Streamed:
+        """Copy each tensor into the resident parameters as it comes (a merge's
+        output, merging/merge.py merge_tensors), checking it is finite on the
+        way: no whole candidate is ever held beside the resident model. Stops
+        at the first tensor holding NaN or Inf (the candidate is rejected, and
+        the next one overwrites every parameter, which `load`'s checks ask of
+        it too)."""
+        names: list[str] = []
+        seen: set[int] = set()
+        exact = True
+        for name, tensor in tensors:
+            param = self._params.get(name)
+            if param is None:
+                raise ValueError(f"weights not in the resident model: {[name]}")
+            if not tensor_is_finite(tensor):
+                return Streamed(names, name, False)
+            # The resident copy is the candidate's exact bits only at its dtype,
+            # and once per storage (tied weights share one parameter).
+            exact = exact and tensor.dtype == param.dtype and param.data_ptr() not in seen
+            seen.add(param.data_ptr())
+            param.copy_(tensor)
+            names.append(name)
+        stale = [name for ptr, name in self._required.items() if ptr not in seen]
+        if stale:
+            raise ValueError(f"candidate lacks resident weights: {stale[:5]}")
+        return Streamed(names, None, exact)
+
+    def state(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The resident parameters under these names (a streamed candidate)."""
+        return {name: self._params[name].detach() for name in names}
+
+
+@dataclass
+class Streamed:
+    """A candidate streamed into the resident model: the names it set, the
+    first tensor holding NaN or Inf (None: all finite), and whether the
+    resident copy holds its exact bits (same dtypes, no tied names)."""
+
+    names: list[str]
+    non_finite: Optional[str]
+    exact: bool
+
 
 class Evaluator:
     """Scores state dicts on suites through the resident model, with a cache."""
@@ -376,23 +419,27 @@ class Evaluator:
         self.cache = cache
 
     def score(
-        self, state: Mapping[str, torch.Tensor], suite: Suite, digest: Optional[str] = None,
+        self, state: Optional[Mapping[str, torch.Tensor]], suite: Suite, digest: Optional[str] = None,
         bar: Optional[racing_math.Bar] = None, subset: Optional[Mapping[str, TaskSubset]] = None,
     ) -> Scored:
-        """`digest`: the state's content_hash when already known (the merge-ahead
-        worker computes it while it merges). `bar`: what the candidate must pass
+        """`state` None: the resident model holds the candidate already
+        (ResidentModel.stream). `digest`: the candidate's identity, when known
+        (merging/identity.py); else the state's content hash. `bar`: what the candidate must pass
         to be kept; it is raced against it (racing.py). Only complete scores
         enter the cache."""
         import time
 
         start = time.perf_counter()
+        if state is None and digest is None:
+            raise ValueError("a streamed candidate (state None) is scored under its identity")
         digest = digest or content_hash(state)
         # An estimate is cached under its subset's own key: never as a full score.
         key = suite.key if subset is None else f"{suite.key}/subset/{subset_key(subset)}"
         hit = self.cache.cached_scores(digest, key)
         if hit is not None:
             return Scored(hit, digest, True, time.perf_counter() - start, estimated=subset is not None)
-        self.resident.load(state)
+        if state is not None:  # None: streamed into the resident model already
+            self.resident.load(state)
         scoring = suite.run(self.resident.lm, bar) if subset is None else suite.estimate(self.resident.lm, subset)
         if scoring.complete:
             self.cache.cache_scores(digest, key, scoring.scores)

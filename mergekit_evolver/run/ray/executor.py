@@ -173,7 +173,7 @@ class RayExecutor:
     def candidate(self, recipe, text: str):
         return self.local.candidate(recipe, text)
 
-    def expect(self, text: str) -> None:
+    def expect(self, recipe, text: str) -> None:
         pass  # the pool is handed whole predictions in evaluate()
 
     def evaluate(self, loop, strategy, proposal, text: str) -> Evaluated:
