@@ -15,6 +15,10 @@ Per candidate it prints:
   counted) and rchar (read() calls; mmap-ed safetensors are not counted);
 - peak RSS during the candidate (sampled every 5 ms) and peak device memory;
 - peak RSS / one model's size.
+- the population cache (executor.cache_bytes; `--cache 0,auto` runs each
+  setting in its own process): its budget, and its hits and misses (tensors).
+`--drop-caches` empties the OS page cache before each candidate (root only),
+so that what is not in the population cache comes from the disk itself.
 Targets (issue 16) at 1B: peak <= 1.3 x one model + the cache budget; our
 share <= 5% of a candidate's time.
 """
@@ -96,7 +100,9 @@ def child(args) -> None:
         "fitness": {"tasks": ["tb_rev_dev"], "include_path": str(testbed.include_path), "device": args.device,
                     "dtype": args.dtype, "limit": args.limit, "batch_size": 16},
         "report": {"tasks": [], "baselines": []},
+        "executor": {"cache_bytes": args.cache if args.cache == "auto" else int(float(args.cache))},
     })
+    from mergekit_evolver.population.cache import POPULATION_CACHE
     clock, rss = Clock(), RssPeak()
     for name in MODEL_CALLS:
         clock.wrap(HFLM, name, "model")
@@ -106,7 +112,11 @@ def child(args) -> None:
     original = CandidateLoop._compute
 
     def compute(self, *a, **kw):
+        if args.drop_caches:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
         before = dict(clock.seconds)
+        hits, misses = POPULATION_CACHE.hits, POPULATION_CACHE.misses
         io0 = io_counters()
         rss.reset()
         if torch.cuda.is_available():
@@ -124,7 +134,8 @@ def child(args) -> None:
                 "wall_ms": wall * 1000, "merge_ms": got["merge"] * 1000, "model_ms": got["model"] * 1000,
                 "ours_ms": (wall - got["merge"] - got["model"]) * 1000,
                 "read_bytes": io1["read_bytes"] - io0["read_bytes"], "rchar": io1["rchar"] - io0["rchar"],
-                "peak_rss": rss.peak,
+                "peak_rss": rss.peak, "budget": POPULATION_CACHE.budget,
+                "hits": POPULATION_CACHE.hits - hits, "misses": POPULATION_CACHE.misses - misses,
                 "peak_device": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
             })
 
@@ -140,6 +151,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--cache", default="auto", help="executor.cache_bytes settings, comma-separated")
+    parser.add_argument("--drop-caches", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -148,33 +161,48 @@ def main() -> None:
     if args.child:
         sys.path.insert(0, str(HERE))
         return child(args)
-    print(f"device {args.device}; population 4; one generation (4 offspring); {args.limit} dev documents")
-    print("| size | dtype | params | one model | candidate ms | merge ms | model-call ms | our ms (share) "
-          "| read_bytes | rchar | peak RSS | peak / model | peak device |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    drop = " --drop-caches: the page cache emptied before each candidate;" if args.drop_caches else ""
+    print(f"device {args.device}; population 4; one generation (4 offspring); {args.limit} dev documents;{drop}")
+    print("| size | dtype | params | one model | cache budget | candidate ms | merge ms | model-call ms "
+          "| our ms (share) | cache hits/misses | read_bytes | rchar | peak RSS | peak / model | peak device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    gb = 1024 ** 3
+    merge_ms: dict = {}
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
-            with tempfile.TemporaryDirectory(dir=os.environ.get("REAL_SIZE_TMP")) as tmp:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", "--size", size, "--dtype", dtype, "--root", tmp,
-                     "--device", args.device, "--limit", str(args.limit)],
-                    capture_output=True, text=True,
-                )
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-            if out.returncode or not lines:
-                print(f"| {size}B | {dtype} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1]} |")
-                continue
-            r = json.loads(lines[-1])
-            gb = 1024 ** 3
-            for k, row in enumerate(r["rows"]):
-                share = row["ours_ms"] / row["wall_ms"]
-                print(
-                    f"| {size}B | {dtype} | {r['params'] / 1e9:.2f}B | {r['model_bytes'] / gb:.2f} GiB "
-                    f"| {row['wall_ms']:.0f} | {row['merge_ms']:.0f} | {row['model_ms']:.0f} "
-                    f"| {row['ours_ms']:.0f} ({share:.1%}) | {row['read_bytes'] / gb:.2f} GiB | {row['rchar'] / gb:.2f} GiB "
-                    f"| {row['peak_rss'] / gb:.2f} GiB | {row['peak_rss'] / r['model_bytes']:.2f} "
-                    f"| {row['peak_device'] / gb:.2f} GiB |"
-                )
+            for cache in args.cache.split(","):
+                with tempfile.TemporaryDirectory(dir=os.environ.get("REAL_SIZE_TMP")) as tmp:
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", "--size", size, "--dtype", dtype, "--root", tmp,
+                         "--device", args.device, "--limit", str(args.limit), "--cache", cache,
+                         *(["--drop-caches"] if args.drop_caches else [])],
+                        capture_output=True, text=True,
+                    )
+                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+                if out.returncode or not lines:
+                    print(f"| {size}B | {dtype} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1]} |")
+                    continue
+                r = json.loads(lines[-1])
+                for row in r["rows"]:
+                    share = row["ours_ms"] / row["wall_ms"]
+                    print(
+                        f"| {size}B | {dtype} | {r['params'] / 1e9:.2f}B | {r['model_bytes'] / gb:.2f} GiB "
+                        f"| {row['budget'] / gb:.2f} GiB | {row['wall_ms']:.0f} | {row['merge_ms']:.0f} | {row['model_ms']:.0f} "
+                        f"| {row['ours_ms']:.0f} ({share:.1%}) | {row['hits']}/{row['misses']} "
+                        f"| {row['read_bytes'] / gb:.2f} GiB | {row['rchar'] / gb:.2f} GiB "
+                        f"| {row['peak_rss'] / gb:.2f} GiB | {row['peak_rss'] / r['model_bytes']:.2f} "
+                        f"| {row['peak_device'] / gb:.2f} GiB |"
+                    )
+                # The offspring only: the initial members are scored without a merge.
+                merge_ms[size, dtype, cache] = sorted(row["merge_ms"] for row in r["rows"] if row["merge_ms"] > 0)
+    caches = args.cache.split(",")
+    if len(caches) > 1:
+        print(f"\nmedian merge ms per offspring, cache {caches[0]} / cache {caches[1]}:")
+        for (size, dtype, cache), got in merge_ms.items():
+            other = merge_ms.get((size, dtype, caches[1]))
+            if cache == caches[0] and got and other:
+                a, b = got[len(got) // 2], other[len(other) // 2]
+                print(f"  {size}B {dtype}: {a:.0f} / {b:.0f} = {a / b:.2f}x")
 
 
 if __name__ == "__main__":

@@ -126,13 +126,26 @@ def test_a_run_gives_the_same_bits_with_any_budget_and_keeps_the_cache_within_it
         return got
 
     monkeypatch.setattr(PopulationCache, "_admitted", watch)
+    prefetched = []
+    original_prefetch = PopulationCache.prefetch
+
+    def count(self, members):
+        members = list(members)
+        prefetched.append(len(members))
+        return original_prefetch(self, members)
+
+    monkeypatch.setattr(PopulationCache, "prefetch", count)
     runs = {}
-    for budget in (0, int(2.5 * size), 10**12):
-        config = run_config(world, de__generations=2, executor={"cache_bytes": budget})
+    for budget, prefetch in ((0, "auto"), (int(2.5 * size), "auto"), (10**12, "auto"), (int(2.5 * size), True)):
+        seen.clear()
+        config = run_config(world, de__generations=2, executor={"cache_bytes": budget, "prefetch": prefetch})
         config["report"] = {"tasks": [], "baselines": []}
-        out = tmp_path / f"run{budget}"
+        out = tmp_path / f"run{budget}_{prefetch}"
         evolve(EvolveConfig.model_validate(config), out, log=lambda _: None)
-        runs[budget] = out
+        runs[budget, prefetch] = out
+        # On a CPU run, "auto" does not prefetch: the thread would slow the forward passes.
+        assert (sum(prefetched) > 0) == (prefetch is True)
+        prefetched.clear()
         if budget == int(2.5 * size):
             assert seen and max(seen) <= budget and max(seen) == 2 * size
     assert POPULATION_CACHE.budget == 0  # a closed run leaves the process's cache off
@@ -141,7 +154,7 @@ def test_a_run_gives_the_same_bits_with_any_budget_and_keeps_the_cache_within_it
         return [(c.step, (c.recipe or "").replace(str(run), ""), c.status, c.fitness, c.dev, c.member and Path(c.member).name)
                 for c in Ledger(run).candidates()]
 
-    base = rows(runs[0])
+    base = rows(runs[0, "auto"])
     for run in list(runs.values())[1:]:
         assert rows(run) == base
     final = {b: (r / "model" / "model.safetensors").read_bytes() for b, r in runs.items()}

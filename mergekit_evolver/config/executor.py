@@ -43,6 +43,11 @@ class ExecutorConfig(Strict):
     # Where it lives: host memory, or the device the merge math runs on
     # (fitness.device; on a CPU run the two are one).
     cache_on: Literal["host", "device"] = "host"
+    # Read the next candidate's members into the cache while this one is
+    # scored. "auto": when scoring runs on an accelerator, whose forward passes
+    # leave the CPU idle; on a CPU the reading thread slows the forward passes
+    # by more than the merge saves (benchmarks/real_size.py).
+    prefetch: Union[Literal["auto"], bool] = "auto"
 
     @field_validator("cache_bytes", mode="before")
     @classmethod
@@ -54,6 +59,9 @@ class ExecutorConfig(Strict):
 
     def cache_device(self, math_device: str) -> str:
         return math_device if self.cache_on == "device" else "cpu"
+
+    def prefetches(self, math_device: str) -> bool:
+        return math_device != "cpu" if self.prefetch == "auto" else bool(self.prefetch)
 
     def cache_budget(self, math_device: str) -> int:
         from mergekit_evolver.population.cache import auto_budget

@@ -49,8 +49,10 @@ class Evaluated:
 class InProcess:
     remote = False
 
-    def __init__(self, options: MergeOptions, merge_ahead: bool, cache_bytes: int = 0, cache_device: str = "cpu"):
+    def __init__(self, options: MergeOptions, merge_ahead: bool, cache_bytes: int = 0, cache_device: str = "cpu",
+                 prefetch: bool = False):
         self.options = options
+        self.prefetch = prefetch and cache_bytes > 0
         # Models served from memory (population.store.MemorySlot), never read from files.
         self.in_memory: set = set()
         POPULATION_CACHE.configure(cache_bytes, cache_device)
@@ -61,7 +63,7 @@ class InProcess:
     @property
     def ahead_enabled(self) -> bool:
         """Whether it uses a guess at the next recipe (`expect`)."""
-        return self.ahead.enabled or POPULATION_CACHE.budget > 0
+        return self.ahead.enabled or self.prefetch
 
     def _from_files(self, recipe: MergeConfiguration) -> None:
         """The recipe's on-disk members read through mergekit's loaders (and
@@ -107,6 +109,8 @@ class InProcess:
         if self.ahead.enabled:
             self.ahead.expect(text)
             return
+        if not self.prefetch:
+            return
         refs = [m for m in recipe.referenced_models() if m not in self.in_memory]
         read_from_files(refs)
         loaders = LoaderCache().loaders
@@ -129,5 +133,6 @@ def make_executor(config, run_dir: Path, options: MergeOptions, log):
 
         return RayExecutor(config, run_dir, options, log)
     device = options.device or "cpu"
-    return InProcess(options, config.merge_ahead, config.executor.cache_budget(device),
-                     config.executor.cache_device(device))
+    settings = config.executor
+    return InProcess(options, config.merge_ahead, settings.cache_budget(device), settings.cache_device(device),
+                     settings.prefetches(device))
