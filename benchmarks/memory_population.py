@@ -7,10 +7,11 @@ Each population size runs `mergekit-evolver evolve` logic in a fresh process
 copies of one random Llama (~100 MB at the defaults) and reports the process's
 peak RSS. Target: the 16 run uses at most 1.2x the memory of the 4 run.
 
-`--cache` lists executor.cache_bytes settings (default "0,2x,auto"): 0 reads
-every member from its files; "2x" is a budget of two models, which binds at
-both sizes; "auto" is the default (a quarter of free memory), which here holds
-every member of either population, so its peak grows with N up to the budget.
+`--cache` lists executor.cache_bytes settings (default "0,2x"): 0 reads every
+member from its files (and is what "auto" gives on a CPU run); "Nx" is a
+budget of N models: 2x binds at both sizes, so the peak must not grow with
+the population; 20x holds every member of either, so its peak grows with N
+up to the budget.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def child(args) -> None:
     root = Path(args.root)
     members = []
     for i in range(args.n):
-        dest = root / f"pop{args.n}_{args.mode}" / f"member{i}"
+        dest = root / f"cache{args.cache}" / f"pop{args.n}_{args.mode}" / f"member{i}"
         shutil.copytree(root / "model", dest)
         members.append(dest)
     world = ToyWorld(models=members, base=root / "model", include_path=root / "tasks")
@@ -47,7 +48,7 @@ def child(args) -> None:
     cache = args.cache
     config["executor"] = {"cache_bytes": "auto" if cache == "auto" else int(float(cache.rstrip("x")) * size)
                           if cache.endswith("x") else int(cache)}
-    evolve(EvolveConfig.model_validate(config), root / f"run{args.n}_{args.mode}", log=lambda _: None)
+    evolve(EvolveConfig.model_validate(config), root / f"cache{args.cache}" / f"run{args.n}_{args.mode}", log=lambda _: None)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"n": args.n, "mode": args.mode, "peak_mb": peak_kb / 1024}))
 
@@ -56,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--cache", default="0,2x,auto")
+    parser.add_argument("--cache", default="0,2x")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)

@@ -13,10 +13,12 @@ Per candidate it prints:
   (lm-eval's calls into the HF model) and our ms (the rest of the candidate);
 - bytes read: /proc/self/io read_bytes (from the disk; page-cache hits are not
   counted) and rchar (read() calls; mmap-ed safetensors are not counted);
-- peak RSS during the candidate (sampled every 5 ms) and peak device memory;
+- peak RSS during the candidate (sampled every 5 ms; with the children's, such
+  as the merge-ahead worker's, `--merge-ahead`) and peak device memory;
 - peak RSS / one model's size.
-- the population cache (executor.cache_bytes; `--cache 0,auto` runs each
-  setting in its own process): its budget, and its hits and misses (tensors).
+- the population cache (executor.cache_bytes; `--cache 0,6x` runs each
+  setting in its own process; "Nx" is N models' bytes, "auto" the default,
+  which is 0 on a CPU run): its budget, and its hits and misses (tensors).
 `--drop-caches` empties the OS page cache before each candidate (root only),
 so that what is not in the population cache comes from the disk itself.
 Targets (issue 16) at 1B: peak <= 1.3 x one model + the cache budget; our
@@ -42,17 +44,25 @@ SHAPES = {"0.1": (768, 12), "0.5": (1536, 16), "1": (2048, 16)}
 class RssPeak:
     """The highest VmRSS seen since the last reset, sampled by a thread."""
 
-    def __init__(self):
+    def __init__(self, children: bool = False):
+        self.children = children
         self.peak = 0
         self._stop = False
         threading.Thread(target=self._watch, daemon=True).start()
 
-    @staticmethod
-    def now() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+    def now(self) -> int:
+        """This process's RSS, plus its children's (the merge-ahead worker's)
+        when asked: scanning /proc costs CPU."""
+        me = os.getpid()
+        total = _rss(Path("/proc/self/status"))
+        for proc in Path("/proc").iterdir() if self.children else ():
+            if proc.name.isdigit():
+                try:
+                    if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                        total += _rss(proc / "status")
+                except (OSError, IndexError, ValueError):
+                    pass  # gone meanwhile
+        return total
 
     def _watch(self):
         while not self._stop:
@@ -61,6 +71,13 @@ class RssPeak:
 
     def reset(self) -> None:
         self.peak = self.now()
+
+
+def _rss(status: Path) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def io_counters() -> dict[str, int]:
@@ -100,10 +117,11 @@ def child(args) -> None:
         "fitness": {"tasks": ["tb_rev_dev"], "include_path": str(testbed.include_path), "device": args.device,
                     "dtype": args.dtype, "limit": args.limit, "batch_size": 16},
         "report": {"tasks": [], "baselines": []},
-        "executor": {"cache_bytes": args.cache if args.cache == "auto" else int(float(args.cache))},
+        "executor": {"cache_bytes": cache_bytes(args.cache, model_bytes)},
+        "merge_ahead": args.merge_ahead,
     })
     from mergekit_evolver.population.cache import POPULATION_CACHE
-    clock, rss = Clock(), RssPeak()
+    clock, rss = Clock(), RssPeak(children=args.merge_ahead)
     for name in MODEL_CALLS:
         clock.wrap(HFLM, name, "model")
     clock.wrap(executor, "merge_in_memory", "merge")
@@ -145,6 +163,14 @@ def child(args) -> None:
                       "rows": rows}))
 
 
+def cache_bytes(setting: str, model_bytes: int):
+    if setting == "auto":
+        return "auto"
+    if setting.endswith("x"):
+        return int(float(setting[:-1]) * model_bytes)
+    return int(float(setting))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.1,0.5,1")
@@ -153,6 +179,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--cache", default="auto", help="executor.cache_bytes settings, comma-separated")
     parser.add_argument("--drop-caches", action="store_true")
+    parser.add_argument("--merge-ahead", action="store_true", help="merge the next candidate in a worker process")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -162,6 +189,7 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         return child(args)
     drop = " --drop-caches: the page cache emptied before each candidate;" if args.drop_caches else ""
+    drop += " merge-ahead on (peak RSS includes its worker);" if args.merge_ahead else ""
     print(f"device {args.device}; population 4; one generation (4 offspring); {args.limit} dev documents;{drop}")
     print("| size | dtype | params | one model | cache budget | candidate ms | merge ms | model-call ms "
           "| our ms (share) | cache hits/misses | read_bytes | rchar | peak RSS | peak / model | peak device |")
@@ -175,7 +203,8 @@ def main() -> None:
                     out = subprocess.run(
                         [sys.executable, __file__, "--child", "--size", size, "--dtype", dtype, "--root", tmp,
                          "--device", args.device, "--limit", str(args.limit), "--cache", cache,
-                         *(["--drop-caches"] if args.drop_caches else [])],
+                         *(["--drop-caches"] if args.drop_caches else []),
+                         *(["--merge-ahead"] if args.merge_ahead else [])],
                         capture_output=True, text=True,
                     )
                 lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from mergekit_evolver.config import EvolveConfig
+from mergekit_evolver.config.executor import ExecutorConfig
 from mergekit_evolver.config.load import load_evolve_config
 from mergekit_evolver.errors import one_line
 from mergekit_evolver.ledger import Ledger
@@ -111,7 +112,19 @@ def test_cache_bytes_is_checked_at_the_door(shared_world):
         EvolveConfig.model_validate({**run_config(shared_world), "executor": {"cache_bytes": -1}})
     config = EvolveConfig.model_validate(run_config(shared_world))
     assert config.executor.cache_bytes == "auto"
-    assert 0 < config.executor.cache_budget("cpu") == pytest.approx(cache_module._mem_available() / 4, rel=0.2)
+    # On a CPU run the OS page cache already holds the members' files.
+    assert config.executor.cache_device("cpu") == "cpu" and config.executor.cache_budget("cpu") == 0
+    assert config.executor.cache_device("cuda:1") == "cuda:1"
+    host = config.executor.model_copy(update={"cache_on": "host"})
+    assert host.cache_device("cuda:1") == "cpu" and host.cache_budget("cuda:1") == 0
+    assert cache_module.auto_budget("cpu") == pytest.approx(cache_module._mem_available() / 4, rel=0.2)
+
+
+def test_the_auto_budget_on_an_accelerator_is_a_quarter_of_its_free_memory(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (8 << 30, 16 << 30))
+    executor = ExecutorConfig()
+    assert executor.cache_budget("cuda:1") == 2 << 30 and asked == [torch.device("cuda:1")]
 
 
 def test_a_run_gives_the_same_bits_with_any_budget_and_keeps_the_cache_within_it(shared_world, tmp_path, monkeypatch):

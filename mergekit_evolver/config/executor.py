@@ -35,14 +35,18 @@ class ExecutorConfig(Strict):
     max_retries: int = Field(2, ge=0)
 
     # The population cache (population/cache.py): members' tensors held in
-    # memory up to this many bytes, least recently used out first. "auto": a
-    # quarter of the memory free when the run starts, on the device it lives
-    # on; 0: every merge reads its members from their files. In-process
-    # merges only: Ray workers read from files.
+    # memory up to this many bytes, least recently used out first; 0: every
+    # merge reads its members from their files. "auto": a quarter of the
+    # memory free when the run starts on an accelerator, when the cache lives
+    # there; 0 in host memory, where the OS page cache already holds the
+    # members' files: on CPU a host cache merged no faster than page-cache
+    # reads and more than doubled peak RSS (benchmarks/real_size.py --cache,
+    # README). In-process merges only: Ray workers read from files.
     cache_bytes: Union[Literal["auto"], int] = "auto"
     # Where it lives: host memory, or the device the merge math runs on
-    # (fitness.device; on a CPU run the two are one).
-    cache_on: Literal["host", "device"] = "host"
+    # (fitness.device). "auto": the device when it is an accelerator, which
+    # saves each merge its host-to-device copies.
+    cache_on: Literal["auto", "host", "device"] = "auto"
     # Read the next candidate's members into the cache while this one is
     # scored. "auto": when scoring runs on an accelerator, whose forward passes
     # leave the CPU idle; on a CPU the reading thread slows the forward passes
@@ -58,7 +62,8 @@ class ExecutorConfig(Strict):
         return value
 
     def cache_device(self, math_device: str) -> str:
-        return math_device if self.cache_on == "device" else "cpu"
+        on_device = self.cache_on == "device" or (self.cache_on == "auto" and math_device != "cpu")
+        return math_device if on_device else "cpu"
 
     def prefetches(self, math_device: str) -> bool:
         return math_device != "cpu" if self.prefetch == "auto" else bool(self.prefetch)
@@ -66,9 +71,10 @@ class ExecutorConfig(Strict):
     def cache_budget(self, math_device: str) -> int:
         from mergekit_evolver.population.cache import auto_budget
 
-        if self.cache_bytes == "auto":
-            return auto_budget(self.cache_device(math_device))
-        return int(self.cache_bytes)
+        if self.cache_bytes != "auto":
+            return int(self.cache_bytes)
+        device = self.cache_device(math_device)
+        return 0 if device == "cpu" else auto_budget(device)
 
     @field_validator("address")
     @classmethod

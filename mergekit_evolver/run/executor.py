@@ -96,10 +96,15 @@ class InProcess:
             if merged.non_finite is None:
                 resident.load(merged.state)
             return Streamed(list(merged.state), merged.non_finite, False), merged.state
+        return self.merge_into(resident, recipe), None
+
+    def merge_into(self, resident, recipe: MergeConfiguration):
+        """A recipe merged here, tensor by tensor, straight into the resident
+        parameters (scoring/evaluator.py ResidentModel.stream)."""
         self._from_files(recipe)
         stream = merge_tensors(recipe, self.options)
         try:
-            return resident.stream(stream), None
+            return resident.stream(stream)
         finally:
             stream.close()
 

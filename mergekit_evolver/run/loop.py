@@ -195,16 +195,20 @@ class CandidateLoop:
         self.expect_next(strategy, proposal)
         if merged.non_finite is not None:
             return Evaluated(merge_s, digest, merged.non_finite)
+        # Merged selection: the population merged around the candidate, served
+        # from memory, streamed into the resident model and scored there.
         state = merged.state
-        scored_state, scored_digest = state, digest
-        if proposal.score_in is not None:
-            ref = run.slot.serve(state)
-            start = time.perf_counter()
-            scored_state = run.merge(self.recipe(proposal.score_in, proposal.step, ref.model.path)[0])
-            merge_s += time.perf_counter() - start
+        ref = run.slot.serve(state)
+        start = time.perf_counter()
+        try:
+            around = self.recipe(proposal.score_in, proposal.step, ref.model.path)[0]
+            streamed = run.executor.merge_into(run.evaluator.resident, around)
+        finally:
             run.slot.clear()
-            scored_digest = self.identity(proposal.score_in, digest)
-        scored = self.score(proposal, scored_state, scored_digest)
+        merge_s += time.perf_counter() - start
+        if streamed.non_finite is not None:
+            return Evaluated(merge_s, digest, streamed.non_finite)
+        scored = self.score(proposal, None, self.identity(proposal.score_in, digest))
         return Evaluated(
             merge_s, digest, scored=scored,
             keep=lambda dest, like: write_individual(state, dest, like=like),

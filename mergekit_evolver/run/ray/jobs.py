@@ -32,8 +32,9 @@ class Job:
     bar: Optional[float] = None
     bar_strict: bool = True
     reference: Optional[Reference] = None  # whom statistical racing pairs it with
-    # The candidate may be kept: its worker holds its weights until the
-    # driver says to write or drop them.
+    # The candidate may be kept: its worker holds its weights (one it
+    # streamed into its resident model: its recipe, merged again to be
+    # written) until the driver says to write or drop them.
     hold: bool = False
 
     @property

@@ -120,6 +120,8 @@ class Worker:
         start = time.perf_counter()
         recipe = MergeConfiguration.model_validate(yaml.safe_load(job.text))
         read_from_files(recipe.referenced_models())
+        if job.score_in is None and job.scored_identity is not None:
+            return self._streamed(job, recipe, start)
         state = merge_in_memory(recipe, self.options)
         digest, bad = job.identity, first_non_finite(state)
         merge_s = time.perf_counter() - start
@@ -130,18 +132,42 @@ class Worker:
             start = time.perf_counter()
             scored_state = self._merged_with(state, job)
             merge_s += time.perf_counter() - start
+        scored = self.evaluator.score(scored_state, self.suite, scored_digest, self._bar(job))
+        return self._reply(job, scored, digest, merge_s), state
+
+    def _streamed(self, job: Job, recipe, start: float) -> tuple[Reply, Any]:
+        """The candidate merged straight into the resident model and scored
+        there, as in-process (run/loop.py): no whole state is held. Kept, it
+        is merged again to be written (`write`): the resident copy is the
+        next candidate's by then."""
+        from mergekit_evolver.merging.merge import merge_tensors
+
+        stream = merge_tensors(recipe, self.options)
+        try:
+            streamed = self.evaluator.resident.stream(stream)
+        finally:
+            stream.close()
+        merge_s = time.perf_counter() - start
+        if streamed.non_finite is not None:
+            return Reply(job.step, job.key, NON_FINITE, self.index, content_hash=job.identity,
+                         non_finite=streamed.non_finite, merge_s=merge_s), None
+        scored = self.evaluator.score(None, self.suite, job.scored_identity, self._bar(job))
+        return self._reply(job, scored, job.identity, merge_s), recipe
+
+    @staticmethod
+    def _bar(job: Job):
         from mergekit_evolver.scoring.racing import Bar
 
-        bar = None if job.bar is None else Bar(job.bar, job.bar_strict, job.reference)
-        scored = self.evaluator.score(scored_state, self.suite, scored_digest, bar)
+        return None if job.bar is None else Bar(job.bar, job.bar_strict, job.reference)
+
+    def _reply(self, job: Job, scored, digest: Optional[str], merge_s: float) -> Reply:
         fitness = self.suite.fitness(scored.scores) if scored.complete else scored.best
-        reply = Reply(
+        return Reply(
             job.step, job.key, OK, self.index, content_hash=digest, scored_hash=scored.content_hash,
             scores=scored.scores, fitness=fitness, complete=scored.complete, documents=scored.documents,
             per_document=scored.per_document,
             merge_s=merge_s, eval_s=scored.seconds,
         )
-        return reply, state
 
     def _merged_with(self, state, job: Job):
         """The score_in recipe with the candidate served from memory."""
@@ -169,7 +195,14 @@ class Worker:
         held = self.held.pop(step, None)
         if held is None or held[0] != key:
             return None
-        path = write_individual(held[1], Path(dest), like=Path(like))
+        state = held[1]
+        if not isinstance(state, dict):  # a streamed candidate's recipe: merged again
+            from mergekit_evolver.merging.merge import merge_in_memory
+            from mergekit_evolver.population.store import read_from_files
+
+            read_from_files(state.referenced_models())
+            state = merge_in_memory(state, self.options)
+        path = write_individual(state, Path(dest), like=Path(like))
         self._log(f"{step}: wrote {path}")
         return str(path)
 
