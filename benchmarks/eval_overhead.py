@@ -277,7 +277,9 @@ def main() -> None:
             population = config.population.model_copy(
                 update={"models": [str(m) for m in models], "base_model": str(base)}
             )
-            config = config.model_copy(update={"population": population})
+            # The references are the testbed's size: they cannot sit in a report of these.
+            unreferenced = config.report.model_copy(update={"references": []})
+            config = config.model_copy(update={"population": population, "report": unreferenced})
             label = f"random Llamas, width {args.width}, {args.layers} layers"
         label += f" ({parameter_count(Path(config.population.models[0])) / 1e6:.2f}M parameters)"
         runs = []

@@ -13,9 +13,10 @@ Per candidate it prints:
   (lm-eval's calls into the HF model) and our ms (the rest of the candidate);
 - bytes read: /proc/self/io read_bytes (from the disk; page-cache hits are not
   counted) and rchar (read() calls; mmap-ed safetensors are not counted);
-- peak RSS during the candidate (sampled every 5 ms; with the children's, such
+- RSS when the candidate starts, and peak RSS during it (sampled every 5 ms; with the children's, such
   as the merge-ahead worker's, `--merge-ahead`) and peak device memory;
-- peak RSS / one model's size.
+- peak RSS / one model's size;
+- whether it was kept: a kept offspring's time includes writing it (fsync'd).
 - the population cache (executor.cache_bytes; `--cache 0,6x` runs each
   setting in its own process; "Nx" is N models' bytes, "auto" the default,
   which is 0 on a CPU run): its budget, and its hits and misses (tensors).
@@ -137,12 +138,16 @@ def child(args) -> None:
         hits, misses = POPULATION_CACHE.hits, POPULATION_CACHE.misses
         io0 = io_counters()
         rss.reset()
+        rss_start = rss.peak
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         clock.on = True
         start = time.perf_counter()
+        kept = None
         try:
-            return original(self, *a, **kw)
+            got_row = original(self, *a, **kw)
+            kept = got_row[1]  # accepted: its write is in the candidate's time
+            return got_row
         finally:
             wall = time.perf_counter() - start
             clock.on = False
@@ -150,9 +155,9 @@ def child(args) -> None:
             got = {k: clock.seconds.get(k, 0.0) - before.get(k, 0.0) for k in ("merge", "model")}
             rows.append({
                 "wall_ms": wall * 1000, "merge_ms": got["merge"] * 1000, "model_ms": got["model"] * 1000,
-                "ours_ms": (wall - got["merge"] - got["model"]) * 1000,
+                "ours_ms": (wall - got["merge"] - got["model"]) * 1000, "kept": kept,
                 "read_bytes": io1["read_bytes"] - io0["read_bytes"], "rchar": io1["rchar"] - io0["rchar"],
-                "peak_rss": rss.peak, "budget": POPULATION_CACHE.budget,
+                "peak_rss": rss.peak, "rss_start": rss_start, "budget": POPULATION_CACHE.budget,
                 "hits": POPULATION_CACHE.hits - hits, "misses": POPULATION_CACHE.misses - misses,
                 "peak_device": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
             })
@@ -192,8 +197,8 @@ def main() -> None:
     drop += " merge-ahead on (peak RSS includes its worker);" if args.merge_ahead else ""
     print(f"device {args.device}; population 4; one generation (4 offspring); {args.limit} dev documents;{drop}")
     print("| size | dtype | params | one model | cache budget | candidate ms | merge ms | model-call ms "
-          "| our ms (share) | cache hits/misses | read_bytes | rchar | peak RSS | peak / model | peak device |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| our ms (share) | kept | cache hits/misses | read_bytes | rchar | RSS at start | peak RSS | peak / model | peak device |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     gb = 1024 ** 3
     merge_ms: dict = {}
     for size in args.sizes.split(","):
@@ -217,8 +222,10 @@ def main() -> None:
                     print(
                         f"| {size}B | {dtype} | {r['params'] / 1e9:.2f}B | {r['model_bytes'] / gb:.2f} GiB "
                         f"| {row['budget'] / gb:.2f} GiB | {row['wall_ms']:.0f} | {row['merge_ms']:.0f} | {row['model_ms']:.0f} "
-                        f"| {row['ours_ms']:.0f} ({share:.1%}) | {row['hits']}/{row['misses']} "
+                        f"| {row['ours_ms']:.0f} ({share:.1%}) | {'yes' if row['kept'] else 'no'} "
+                        f"| {row['hits']}/{row['misses']} "
                         f"| {row['read_bytes'] / gb:.2f} GiB | {row['rchar'] / gb:.2f} GiB "
+                        f"| {row['rss_start'] / gb:.2f} GiB "
                         f"| {row['peak_rss'] / gb:.2f} GiB | {row['peak_rss'] / r['model_bytes']:.2f} "
                         f"| {row['peak_device'] / gb:.2f} GiB |"
                     )

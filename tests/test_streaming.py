@@ -13,7 +13,7 @@ from mergekit.options import MergeOptions
 from mergekit_evolver.config import EvolveConfig
 from mergekit_evolver.ledger import Ledger, Status
 from mergekit_evolver.merging.merge import merge_in_memory, merge_tensors
-from mergekit_evolver.population.store import load_state, read_from_files
+from mergekit_evolver.population.store import load_state, read_from_files, write_individual
 from mergekit_evolver.recipes.candidates import de_recipe
 from mergekit_evolver.recipes.parse import parse_merge_config
 from mergekit_evolver.run import evolve
@@ -92,3 +92,23 @@ def test_members_kept_from_a_streamed_run_are_their_recipes_bits_at_any_scoring_
         stored = load_state(Path(c.member))
         assert set(stored) == set(again)
         assert all(stored[k].dtype == again[k].dtype and torch.equal(stored[k], again[k]) for k in again)
+
+
+def test_a_member_written_as_its_merge_streams_is_the_whole_states_bits(world, tmp_path):
+    """One shard: the same file bytes as writing the whole state, whatever
+    order the tensors came in; in shards: mergekit's index, the same tensors,
+    each shard under the limit."""
+    state = merge_in_memory(offspring(world), OPTIONS)
+    like = Path(world.models[0])
+    whole = write_individual(state, tmp_path / "whole", like=like)
+    streamed = write_individual(iter(reversed(list(state.items()))), tmp_path / "streamed", like=like)
+    assert sorted(p.name for p in streamed.iterdir()) == sorted(p.name for p in whole.iterdir())
+    assert (streamed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    limit = max(t.numel() * t.element_size() for t in state.values()) * 2
+    sharded = write_individual(merge_tensors(offspring(world), OPTIONS), tmp_path / "sharded", like=like,
+                               shard_bytes=limit)
+    shards = sorted(sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    assert all(p.stat().st_size <= limit + 65536 for p in shards)  # + each file's header
+    back = load_state(sharded)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)

@@ -16,13 +16,13 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex, ShardInfo
 from mergekit.io.tasks import LoaderCache
-from safetensors.torch import save_file
+from mergekit.io.tensor_writer import TensorWriter
 
 from mergekit_evolver.errors import UserError
 from mergekit_evolver.population.cache import POPULATION_CACHE
@@ -51,18 +51,32 @@ def copy_side_files(source: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
-def write_individual(state: StateDict, dest: Path, like: Path) -> Path:
+# A kept offspring written as its merge streams (run/executor.py write) goes
+# into shards of at most this size: the write holds one shard, never the model.
+STREAM_SHARD_BYTES = 1 << 30
+
+
+def write_individual(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], dest: Path, like: Path,
+    shard_bytes: int = 0,
+) -> Path:
     """Write an HF model dir atomically: into a temp dir beside dest, fsync'd,
     then renamed, so a crash never leaves a half-written individual that a
-    resume would trust. Config and tokenizer files come from `like`."""
+    resume would trust. Config and tokenizer files come from `like`.
+
+    `tensors`: a state dict, or (name, tensor) pairs as a merge streams them;
+    written by mergekit's TensorWriter in shards of `shard_bytes` (0: one
+    file). One shard's file is the same bytes whatever order the tensors came in."""
     dest = Path(dest)
     if dest.exists():
         return dest  # written before a crash; same seed, same content
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        writer = TensorWriter(str(tmp), max_shard_size=shard_bytes)
+        for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
+            writer.save_tensor(name, tensor.detach().cpu())
+        writer.finalize()
         copy_side_files(Path(like), tmp)
         for file in tmp.iterdir():
             _fsync(file)

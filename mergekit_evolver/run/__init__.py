@@ -4,6 +4,7 @@ loop, then the baselines, the final model, the report and the lineage."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 from pathlib import Path
 from typing import Iterator, Optional
@@ -29,13 +30,26 @@ def _long_lived_heap_frozen() -> Iterator[None]:
     are built, and they live until it ends: some 570K objects on the testbed,
     which each full cyclic collection walked again while candidates churned
     out garbage (1.7 s of a 25 s search). gc.freeze() keeps the collector off
-    them; collected first so no garbage is frozen in, unfrozen afterwards."""
+    them; collected first so no garbage is frozen in, unfrozen afterwards.
+
+    The set-up's whole states (the initial members, read and scored whole,
+    and hashed) are freed by then, but glibc keeps freed heap pages mapped,
+    and the search's RSS would carry them: 4.1 models' worth before the first
+    bf16 1B candidate (benchmarks/real_size.py). malloc_trim gives them back."""
     gc.collect()
+    _release_freed_heap()
     gc.freeze()
     try:
         yield
     finally:
         gc.unfreeze()
+
+
+def _release_freed_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator keeps what it keeps
 
 
 def evolve(config, run_dir: Path, *, resume: bool = False, log: Log = print) -> str:

@@ -27,7 +27,7 @@ from mergekit_evolver.merging.merge import StateDict, merge_in_memory, merge_ten
 from mergekit.io.tasks import LoaderCache
 
 from mergekit_evolver.population.cache import POPULATION_CACHE
-from mergekit_evolver.population.store import FileLoader, read_from_files
+from mergekit_evolver.population.store import STREAM_SHARD_BYTES, FileLoader, read_from_files, write_individual
 
 
 @dataclass
@@ -105,6 +105,17 @@ class InProcess:
         stream = merge_tensors(recipe, self.options)
         try:
             return resident.stream(stream)
+        finally:
+            stream.close()
+
+    def write(self, recipe: MergeConfiguration, dest: Path, like: Path) -> Path:
+        """A recipe merged here and written as a member as its tensors come,
+        in shards: a kept candidate whose resident copy is not its exact bits
+        (a merge is a function of its recipe), with no whole state held."""
+        self._from_files(recipe)
+        stream = merge_tensors(recipe, self.options)
+        try:
+            return write_individual(stream, dest, like=like, shard_bytes=STREAM_SHARD_BYTES)
         finally:
             stream.close()
 

@@ -231,8 +231,9 @@ class CandidateLoop:
         scored = self.score(proposal, None, digest)
 
         def keep(dest: Path, like: Path) -> Path:
-            state = whole if whole is not None else resident.state(streamed.names) if streamed.exact else None
-            return write_individual(state if state is not None else run.merge(recipe), dest, like=like)
+            if whole is None and not streamed.exact:
+                return run.executor.write(recipe, dest, like)
+            return write_individual(whole if whole is not None else resident.state(streamed.names), dest, like=like)
 
         return Evaluated(merge_s, digest, scored=scored, keep=keep)
 

@@ -215,12 +215,9 @@ class RayExecutor:
         import yaml
         from mergekit.config import MergeConfiguration
 
-        from mergekit_evolver.population.store import write_individual
-
         # Its worker is gone: merged again here, which gives the same bits
         # (a merge is a function of its recipe, merging/identity.py).
-        state = self.local.merge(MergeConfiguration.model_validate(yaml.safe_load(text)))
-        return write_individual(state, dest, like=like)
+        return self.local.write(MergeConfiguration.model_validate(yaml.safe_load(text)), dest, like)
 
     def close(self) -> None:
         try:

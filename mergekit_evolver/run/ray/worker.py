@@ -196,13 +196,18 @@ class Worker:
         if held is None or held[0] != key:
             return None
         state = held[1]
-        if not isinstance(state, dict):  # a streamed candidate's recipe: merged again
-            from mergekit_evolver.merging.merge import merge_in_memory
-            from mergekit_evolver.population.store import read_from_files
+        if isinstance(state, dict):
+            path = write_individual(state, Path(dest), like=Path(like))
+        else:  # a streamed candidate's recipe: merged again, written as it streams
+            from mergekit_evolver.merging.merge import merge_tensors
+            from mergekit_evolver.population.store import STREAM_SHARD_BYTES, read_from_files
 
             read_from_files(state.referenced_models())
-            state = merge_in_memory(state, self.options)
-        path = write_individual(state, Path(dest), like=Path(like))
+            stream = merge_tensors(state, self.options)
+            try:
+                path = write_individual(stream, Path(dest), like=Path(like), shard_bytes=STREAM_SHARD_BYTES)
+            finally:
+                stream.close()
         self._log(f"{step}: wrote {path}")
         return str(path)
 
