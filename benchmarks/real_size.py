@@ -110,6 +110,7 @@ def child(args) -> None:
             state = st.load_file(str(m / "model.safetensors"))
             st.save_file({k: v.to(getattr(torch, args.dtype)) for k, v in state.items()},
                          str(m / "model.safetensors"), metadata={"format": "pt"})
+        del state  # else the last fp32 copy stays alive through the run, in its RSS
     model_bytes = sum((m / "model.safetensors").stat().st_size for m in models[:1])
     config = EvolveConfig.model_validate({
         "seed": 0,
