@@ -2,8 +2,8 @@
 documents scored per candidate, search wall time, and whether the decisions
 and the final model are the same.
 
-Run: .venv/bin/python benchmarks/racing.py [--testbed .testbed/merge_friendly] [--rounds 4]
-     [--confidence 0.95] [--runs runs/racing] [--modes off,exact,statistical,subset]
+Run: .venv/bin/python benchmarks/racing.py [--kind merge_friendly|disjoint] [--testbed DIR] [--rounds 4]
+     [--confidence 0.95] [--runs runs/racing] [--modes off,exact,statistical,subset] [--seeds 0]
 
 Three searches on the testbed, each with `fitness.racing.mode: off`, `exact`
 and `statistical`, and with `fitness.subset: {share: 0.25}` (exact racing on top): the demo's Evolver (mergekit_evolver/examples/demo.yml),
@@ -12,13 +12,17 @@ budget). Baselines are left out; the report scores the final model on the
 in-domain test tasks (its column), so a subset run's model can be compared.
 Statistical racing's decisions are compared step by step with full scoring's
 over the steps both runs made (its search may take another path after the
-first decision that differs).
+first decision that differs). With several --seeds each cell sums (documents,
+decisions, same models) or averages (shares, test score, with its spread over
+seeds) the seeds' runs; `kept` counts the candidates that passed their bar
+in full scoring (accepted), which no exact race may stop.
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -49,8 +53,9 @@ def configs(rounds: int, confidence: float) -> dict[str, dict]:
     return out
 
 
-def run(config: dict, mode: str, out: Path) -> dict:
+def run(config: dict, mode: str, out: Path, seed: int) -> dict:
     config = copy.deepcopy(config)
+    config["seed"] = seed
     if mode == "subset":
         config["fitness"]["subset"] = {"share": 0.25}
     else:
@@ -69,11 +74,18 @@ def run(config: dict, mode: str, out: Path) -> dict:
         elif c.status != Status.INVALID:
             docs += full_size(parsed)
     decisions = [(c.step, c.status == Status.ACCEPTED) for c in rows]
+    # Recipe DE records its trials as scored, kept or not: no count there.
+    kept = sum(c.status == Status.ACCEPTED for c in rows) if any(c.status == Status.ACCEPTED for c in rows) else None
     final = Ledger(out).find("report/evolved")
     test = sum(v["acc"] for v in final.test.values()) / len(final.test)
-    return dict(seconds=seconds, docs=docs, candidates=len(rows),
+    return dict(seconds=seconds, docs=docs, candidates=len(rows), kept=kept,
                 raced=sum(c.status == Status.RACED for c in rows), decisions=decisions, test=test,
                 model=(out / "model" / "model.safetensors").read_bytes())
+
+
+def kept(runs: list[dict]) -> str:
+    counts = [r["kept"] for r in runs]
+    return "-" if None in counts else str(sum(counts))
 
 
 def full_size(config: EvolveConfig) -> int:
@@ -91,7 +103,7 @@ full_size.cache = {}
 
 def main() -> None:
     args = parse_args(__doc__.split("\n")[0], "runs/racing", rounds=4, confidence=0.95,
-                      modes="off,exact,statistical,subset")
+                      modes="off,exact,statistical,subset", seeds="0")
     modes = args.modes.split(",")
     if modes[0] != "off":
         raise SystemExit("--modes: off comes first, as what every other mode is compared with")
@@ -99,22 +111,32 @@ def main() -> None:
     rows = []
     for name, config in configs(args.rounds, args.confidence).items():
         where = Path(args.runs) / name.replace(" ", "_")
-        results = {mode: run(config, mode, where / mode) for mode in modes}
+        results = {mode: [run(config, mode, where / f"seed{seed}" / mode, seed) for seed in args.seeds] for mode in modes}
         rows.append((name, results))
-    print(f"\nrounds: {args.rounds}; confidence {args.confidence}; documents are summed over the dev tasks")
-    print("| search | mode | candidates | raced out | documents scored (share of off) | run time (ratio to off) "
-          "| decisions the same as off | same model | final model, in-domain test |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nrounds: {args.rounds}; confidence {args.confidence}; seeds {args.seeds}; documents are summed over "
+          "the dev tasks and the seeds; test: mean (sample std) over seeds")
+    print("| search | mode | candidates | kept in full scoring | raced out | documents scored (share of off) "
+          "| run time (ratio to off) | decisions the same as off | same model | final model, in-domain test |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, results in rows:
-        off = results["off"]
-        for mode, r in results.items():
-            theirs = dict(off["decisions"])
-            common = [(step, acc) for step, acc in r["decisions"] if step in theirs]
-            agree = sum(theirs[step] == acc for step, acc in common)
+        offs = results["off"]
+        for mode, runs in results.items():
+            agree = common = 0
+            for off, r in zip(offs, runs):
+                theirs = dict(off["decisions"])
+                steps = [(step, acc) for step, acc in r["decisions"] if step in theirs]
+                common += len(steps)
+                agree += sum(theirs[step] == acc for step, acc in steps)
+            total = lambda key, rs=runs: sum(r[key] for r in rs)  # noqa: E731
+            docs, off_docs = total("docs"), sum(r["docs"] for r in offs)
+            seconds, off_seconds = total("seconds"), sum(r["seconds"] for r in offs)
+            same = sum(r["model"] == off["model"] for off, r in zip(offs, runs))
+            tests = [r["test"] for r in runs]
+            spread = f" ({statistics.stdev(tests):.3f})" if len(tests) > 1 else ""
             print(
-                f"| {name} | {mode} | {r['candidates']} | {r['raced']} | {r['docs']} ({r['docs'] / off['docs']:.3f}) "
-                f"| {r['seconds']:.1f} s ({r['seconds'] / off['seconds']:.3f}) | {agree}/{len(common)} "
-                f"| {'yes' if r['model'] == off['model'] else 'no'} | {r['test']:.3f} |"
+                f"| {name} | {mode} | {total('candidates')} | {kept(offs)} | {total('raced')} "
+                f"| {docs} ({docs / off_docs:.3f}) | {seconds:.1f} s ({seconds / off_seconds:.3f}) | {agree}/{common} "
+                f"| {same}/{len(runs)} | {statistics.mean(tests):.3f}{spread} |"
             )
 
 

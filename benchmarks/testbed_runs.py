@@ -13,10 +13,10 @@ from mergekit_evolver.testbed import PRESETS, build_testbed
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def parse_args(description: str, runs: str, **extra) -> argparse.Namespace:
+def parse_args(description: str, runs: str, seeds: str = "0,1,2", **extra) -> argparse.Namespace:
     """--seeds, --runs, --kind, --testbed, --config, plus `extra` (name -> default)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default=seeds)
     parser.add_argument("--runs", default=runs)
     parser.add_argument("--kind", default="merge_friendly", choices=sorted(PRESETS))
     parser.add_argument("--testbed", default=None, help="default: .testbed/KIND")

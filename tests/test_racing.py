@@ -14,7 +14,7 @@ from mergekit_evolver.ledger import Ledger, Status
 from mergekit_evolver.run import evolve
 from mergekit_evolver.scoring import lmeval
 from mergekit_evolver.scoring.evaluator import Suite
-from mergekit_evolver.scoring.racing import Bar, best_case, confident_best, rounds_of
+from mergekit_evolver.scoring.racing import Bar, Order, best_case, confident_best, rounds_of
 from toy_world import run_config
 
 
@@ -51,6 +51,63 @@ def test_rounds_cover_every_document_once_in_a_seeded_order():
         seen = [i for r in plan for i in r.get(task, [])]
         assert sorted(seen) == list(range(n))
     assert rounds_of({"a": 30, "b": 7}, 4, seed=1) == plan != rounds_of({"a": 30, "b": 7}, 4, seed=2)
+
+
+def walk(plan, task) -> list[int]:
+    return [i for r in plan for i in r.get(task, [])]
+
+
+def test_hardest_first_puts_what_the_members_missed_first_ties_in_the_seeded_order():
+    sizes = {"a": 6, "b": 4}
+    seeded = rounds_of(sizes, 6, seed=3)  # one document a round: the seeded walk itself
+    rows = {"a": [[1, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 1]], "b": [[1, 1, 0, 0], [1, 0, 0, 1]]}
+    order = Order.hardest_first(rows, {"a": True, "b": False}, sizes, seed=3)
+    ranked = lambda docs, task: sorted(docs, key=walk(seeded, task).index)  # noqa: E731
+    # a (higher is better), member means [1, 0, .5, .5, 1, 1]: the miss first, the ties as seeded.
+    assert list(order.task("a")) == [1, *ranked([2, 3], "a"), *ranked([0, 4, 5], "a")]
+    # b (lower is better), means [1, .5, 0, .5]: its worst value, 1, is the hardest.
+    assert list(order.task("b")) == [0, *ranked([1, 3], "b"), 2]
+    # Round k scores the order's k-th quarter (sorted, as lm-eval walks documents).
+    a = order.task("a")
+    assert [r["a"] for r in rounds_of(sizes, 4, seed=3, order=order)] == [sorted(a[k * 6 // 4:(k + 1) * 6 // 4]) for k in range(4)]
+    # No rows (or rows of another length): the seeded walk.
+    assert Order.hardest_first({"a": [[1.0] * 5]}, {"a": True}, sizes, seed=3).task("a") == tuple(walk(seeded, "a"))
+    with pytest.raises(ValueError, match="not a permutation of its 6 documents"):
+        rounds_of(sizes, 4, seed=3, order=Order((("a", (0, 1, 2, 3, 4, 4)),)))
+
+
+def test_hardest_first_stops_losers_sooner_with_the_same_decisions(world, monkeypatch):
+    """Candidates whose misses follow the documents' difficulty, as merges of
+    the same members' do: raced in the hardest-first order they are stopped
+    on fewer documents than in the seeded order, and every complete score and
+    every decision is full scoring's."""
+    config = settings(world, ["toy_dev", "toy_test"], rounds=6)
+    seeded, ordered = Suite(config.tasks, config), Suite(config.tasks, config)
+    rng = random.Random(5)
+    # Most documents easy or hard for every model of the family, as on a real benchmark.
+    ease = {t: [rng.choice((0.1, 0.9)) for _ in range(30)] for t in ("toy_dev", "toy_test")}
+    draw = lambda skill: {t: [float(rng.random() < min(1.0, e + skill)) for e in ease[t]] for t in ease}  # noqa: E731
+    members = [draw(0.0) for _ in range(3)]
+    ordered.race_in(ordered.hardest_first(members))
+    assert ordered.plan != seeded.plan
+    docs = {"seeded": 0, "ordered": 0}
+    raced = 0
+    for _ in range(200):
+        parent, child = draw(rng.uniform(-0.2, 0.2)), draw(rng.uniform(-0.2, 0.2))
+        fake_scores(monkeypatch, parent)
+        bar = Bar(seeded.fitness(seeded.run(None).scores), strict=True)
+        fake_scores(monkeypatch, child)
+        full = seeded.run(None)
+        for name, suite in (("seeded", seeded), ("ordered", ordered)):
+            result = suite.run(None, bar)
+            docs[name] += result.documents[0]
+            assert result.complete == (result.documents[0] == 60)
+            if result.complete:
+                assert result.scores == full.scores
+            else:
+                raced += name == "ordered"
+                assert not bar.passed_by(suite.fitness(full.scores))
+    assert raced > 30 and docs["ordered"] < 0.95 * docs["seeded"], docs
 
 
 def fake_scores(monkeypatch, outcomes: dict[str, list[float]]):

@@ -40,7 +40,7 @@ from mergekit_evolver.scoring.evaluator import (
     check_chat_template,
     resolve_device,
 )
-from mergekit_evolver.scoring.racing import Bar, Reference
+from mergekit_evolver.scoring.racing import Bar, Order, Reference
 from mergekit_evolver.scoring.subset import TaskSubset, stratified_subset
 from mergekit_evolver.search.protocol import Start, Strategy
 from mergekit_evolver.search.registry import STRATEGIES
@@ -284,8 +284,9 @@ class Run:
                 if bad is not None:
                     raise UserError(f"{member.path}: tensor {bad} holds NaN or Inf; every model of a run must be finite")
                 s = self.score(state)
-                if s.per_document is not None and config.fitness.subset is not None:
-                    # Kept for the subset's strata, so a resume draws the same subset.
+                if s.per_document is not None:
+                    # Kept for the racing order and the subset's strata, so a
+                    # resume races and draws as the first run did.
                     self.ledger.set_meta(DOCUMENTS + member.id, json.dumps(s.per_document))
                 self.keep_reference(member.id, s)
                 return Candidate(
@@ -299,6 +300,7 @@ class Run:
             if replayed:
                 self.check_unchanged(member.path, row.content_hash)
             member.fitness, member.content_id = row.fitness, row.content_hash
+        self.dev.race_in(self.racing_order(members))
         self.subset = self.fitness_subset(members)
         return members
 
@@ -328,7 +330,9 @@ class Run:
     # -- statistical racing's references ---------------------------------------
     @property
     def pairs(self) -> bool:
-        return self.config.fitness.racing.mode == "statistical"
+        """Whether references are kept: statistical racing's paired test and
+        the subset's difference estimate use them."""
+        return self.config.fitness.racing.mode == "statistical" or self.config.fitness.subset is not None
 
     def keep_reference(self, key: str, scored: Scored) -> None:
         """Keep a fresh full score's per-document values as reference `key`
@@ -348,6 +352,21 @@ class Run:
         for member in members:
             self.ledger.delete_meta(REFERENCE + member)
 
+    def initial_documents(self, members: list[Member]) -> list[dict]:
+        """The initial members' per-document dev values (members scored from
+        the cache, e.g. an exact copy of another, have none)."""
+        return [json.loads(v) for v in (self.ledger.get_meta(DOCUMENTS + m.id) for m in members) if v]
+
+    def racing_order(self, members: list[Member]) -> Optional[Order]:
+        """Exact racing (and `off`, which must chunk as it does) scores the
+        documents the initial members did worst on first. Statistical racing
+        keeps the seeded order: its test takes the seen documents as a random
+        sample."""
+        rows = self.initial_documents(members)
+        if self.config.fitness.racing.mode == "statistical" or not rows:
+            return None
+        return self.dev.hardest_first(rows)
+
     def fitness_subset(self, members: list[Member]) -> Optional[dict[str, TaskSubset]]:
         """Each fitness task's subset, stratified on the initial members'
         per-document values (members scored from the cache, e.g. an exact copy
@@ -355,7 +374,7 @@ class Run:
         wanted = self.config.fitness.subset
         if wanted is None:
             return None
-        rows = [json.loads(v) for v in (self.ledger.get_meta(DOCUMENTS + m.id) for m in members) if v]
+        rows = self.initial_documents(members)
         if not rows:
             raise UserError("fitness.subset: no initial member has per-document scores to stratify on")
         return {

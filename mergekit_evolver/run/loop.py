@@ -241,13 +241,13 @@ class CandidateLoop:
         """A candidate's dev scores. With a fitness subset, its estimate first:
         below its bar, the candidate is rejected on it; without a bar and with
         nothing to keep, it is ranked on it; otherwise it is scored in full, so
-        that every member's fitness is a full score."""
+        that every member's fitness (and every DE target's) is a full score."""
         run = self.run
-        if run.subset is not None:
-            estimate = run.score(state, digest=digest, estimate=True)
-            if proposal.bar is None and proposal.child is None:
-                return estimate
-            if proposal.bar is not None and not Bar(proposal.bar, proposal.bar_strict).passed_by(estimate.fitness):
+        kept = proposal.child is not None or proposal.sets_bar
+        if run.subset is not None and (proposal.bar is not None or not kept):
+            # Paired with the bar's reference (its parent, for an offspring), where there is one.
+            estimate = run.score(state, digest=digest, bar=self.bar(proposal), estimate=True)
+            if proposal.bar is None or not Bar(proposal.bar, proposal.bar_strict).passed_by(estimate.fitness):
                 return estimate
         return run.score(state, digest=digest, bar=self.bar(proposal))
 

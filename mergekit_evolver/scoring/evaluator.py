@@ -70,8 +70,24 @@ class Suite:
                 directions[metric] if spec.higher_is_better is None else spec.higher_is_better
             )
         self.key = self._key()
+        self.order: Optional[racing_math.Order] = None  # None: the seeded order
         self.plan = self._plan()
         self.sizes = {name: sum(len(r.get(name, ())) for r in self.plan) for name in self.tasks}
+
+    def race_in(self, order: Optional[racing_math.Order]) -> None:
+        """Score documents in `order` from now on (None: the seeded order).
+        Only how soon a loser is stopped changes: a complete score is
+        aggregated in index order, whatever order its documents came in."""
+        if order != self.order:
+            self.order = order
+            self.plan = self._plan()
+
+    def hardest_first(self, per_member: Sequence[Mapping[str, Sequence[float]]]) -> racing_math.Order:
+        """The racing order from fully scored models' per-document values of each task."""
+        return racing_math.Order.hardest_first(
+            {name: [row[name] for row in per_member if name in row] for name in self.sizes},
+            self.higher_is_better, self.sizes, seed=RACING_SEED,
+        )
 
     def _key(self) -> str:
         """Identity of what a score means, for the cache: tasks, metrics, limits."""
@@ -100,7 +116,7 @@ class Suite:
             limit = get_sample_size(task_obj, self.settings.limit)
             sizes[name] = n if limit is None else min(n, limit)
         racing = getattr(self.settings, "racing", None)
-        return racing_math.rounds_of(sizes, racing.rounds if racing else 1, seed=RACING_SEED)
+        return racing_math.rounds_of(sizes, racing.rounds if racing else 1, seed=RACING_SEED, order=self.order)
 
     @property
     def raceable(self) -> bool:
@@ -142,9 +158,12 @@ class Suite:
             out[spec.name] = [values[i] for i in sorted(values)]
         return out
 
-    def estimate(self, lm, subset: Mapping[str, TaskSubset]) -> Scoring:
+    def estimate(
+        self, lm, subset: Mapping[str, TaskSubset], reference: Optional[racing_math.Reference] = None
+    ) -> Scoring:
         """Each task's score estimated from its subset's documents (subset.py),
-        recorded with how many of how many documents it used."""
+        paired with `reference` where there is one, recorded with how many of
+        how many documents it used."""
         chunk = {name: list(s.indices) for name, s in subset.items()}
         got = fitness.score_documents(
             lm, self.loaded, chunk, apply_chat_template=self.settings.apply_chat_template,
@@ -154,7 +173,8 @@ class Suite:
         for spec in self.specs:
             metric = fitness.metric_name(spec.metric)
             docs = got[spec.name]
-            value = subset[spec.name].estimate({i: d[metric] for i, d in docs.items()})
+            paired = None if reference is None else reference.task(spec.name)
+            value = subset[spec.name].estimate({i: d[metric] for i, d in docs.items()}, paired)
             scores[spec.name] = {metric: value, "estimated": 1.0, "documents": float(len(docs)),
                                  "of": float(self.sizes[spec.name])}
         done = sum(len(d) for d in got.values())
@@ -425,22 +445,27 @@ class Evaluator:
         """`state` None: the resident model holds the candidate already
         (ResidentModel.stream). `digest`: the candidate's identity, when known
         (merging/identity.py); else the state's content hash. `bar`: what the candidate must pass
-        to be kept; it is raced against it (racing.py). Only complete scores
-        enter the cache."""
+        to be kept; it is raced against it (racing.py), and a subset estimate is
+        paired with its reference (subset.py). Only complete scores enter the cache."""
         import time
 
         start = time.perf_counter()
         if state is None and digest is None:
             raise ValueError("a streamed candidate (state None) is scored under its identity")
         digest = digest or content_hash(state)
-        # An estimate is cached under its subset's own key: never as a full score.
-        key = suite.key if subset is None else f"{suite.key}/subset/{subset_key(subset)}"
+        # An estimate is cached under its subset's own key (and its reference's):
+        # never as a full score.
+        paired = bar.reference if bar is not None and subset is not None else None
+        key = suite.key if subset is None else f"{suite.key}/subset/{subset_key(subset, paired)}"
         hit = self.cache.cached_scores(digest, key)
         if hit is not None:
             return Scored(hit, digest, True, time.perf_counter() - start, estimated=subset is not None)
         if state is not None:  # None: streamed into the resident model already
             self.resident.load(state)
-        scoring = suite.run(self.resident.lm, bar) if subset is None else suite.estimate(self.resident.lm, subset)
+        if subset is None:
+            scoring = suite.run(self.resident.lm, bar)
+        else:
+            scoring = suite.estimate(self.resident.lm, subset, paired)
         if scoring.complete:
             self.cache.cache_scores(digest, key, scoring.scores)
         return Scored(
@@ -449,6 +474,9 @@ class Evaluator:
         )
 
 
-def subset_key(subset: Mapping[str, TaskSubset]) -> str:
-    blob = json.dumps({t: [s.indices, s.weights] for t, s in sorted(subset.items())})
+def subset_key(subset: Mapping[str, TaskSubset], reference: Optional[racing_math.Reference] = None) -> str:
+    blob = json.dumps({
+        "subset": {t: [s.indices, s.weights] for t, s in sorted(subset.items())},
+        "reference": None if reference is None else reference.values,
+    })
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -55,15 +55,59 @@ class Bar:
         return fitness > self.value if self.strict else fitness >= self.value
 
 
-def rounds_of(sizes: Mapping[str, int], rounds: int, seed: int) -> list[dict[str, list[int]]]:
-    """Each task's document indices in a seeded order, cut into `rounds`
-    chunks; chunk k of every task makes round k. Indices within a chunk are
-    sorted, as lm-eval walks documents."""
+@dataclass(frozen=True)
+class Order:
+    """Each task's documents in the order a race scores them. Hashable, so
+    that it is part of a remote job's key."""
+
+    indices: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def hardest_first(
+        cls, per_member: Mapping[str, Sequence[Sequence[float]]], higher_is_better: Mapping[str, bool],
+        sizes: Mapping[str, int], seed: int,
+    ) -> "Order":
+        """The documents the initial members did worst on first, ties in the
+        seeded order. An exact race stops a loser once its misses exceed what
+        its bar leaves room for; the documents a candidate built from these
+        members will likely miss show that soonest. No complete score depends
+        on the order (each is aggregated in index order)."""
+        out = []
+        for offset, (task, n) in enumerate(sorted(sizes.items())):
+            seeded = _seeded(n, seed, offset)
+            rows = per_member.get(task)
+            if not rows or any(len(r) != n for r in rows):
+                out.append((task, tuple(int(i) for i in seeded)))
+                continue
+            sign = 1.0 if higher_is_better[task] else -1.0
+            expected = sign * np.mean(np.asarray(rows, dtype=np.float64), axis=0)
+            position = np.empty(n, dtype=np.int64)
+            position[seeded] = np.arange(n)
+            out.append((task, tuple(int(i) for i in np.lexsort((position, expected)))))
+        return cls(tuple(out))
+
+    def task(self, name: str) -> Optional[tuple[int, ...]]:
+        return dict(self.indices).get(name)
+
+
+def _seeded(n: int, seed: int, offset: int) -> np.ndarray:
+    return np.random.default_rng([seed, offset]).permutation(n)
+
+
+def rounds_of(
+    sizes: Mapping[str, int], rounds: int, seed: int, order: Optional[Order] = None
+) -> list[dict[str, list[int]]]:
+    """Each task's document indices in `order` (else a seeded order), cut into
+    `rounds` chunks; chunk k of every task makes round k. Indices within a
+    chunk are sorted, as lm-eval walks documents."""
     plan: list[dict[str, list[int]]] = [{} for _ in range(rounds)]
     for offset, (task, n) in enumerate(sorted(sizes.items())):
-        order = np.random.default_rng([seed, offset]).permutation(n)
+        given = order.task(task) if order is not None else None
+        if given is not None and sorted(given) != list(range(n)):
+            raise ValueError(f"the racing order of {task} is not a permutation of its {n} documents")
+        sequence = np.asarray(given) if given is not None else _seeded(n, seed, offset)
         for k in range(rounds):
-            chunk = order[k * n // rounds : (k + 1) * n // rounds]
+            chunk = sequence[k * n // rounds : (k + 1) * n // rounds]
             if len(chunk):
                 plan[k][task] = sorted(int(i) for i in chunk)
     return [r for r in plan if r]

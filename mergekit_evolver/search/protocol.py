@@ -59,6 +59,9 @@ class Proposal:
     # loop may then stop scoring it once it cannot pass (exact racing).
     bar: Optional[float] = None
     bar_strict: bool = True
+    # Its fitness becomes later proposals' bar (a DE target vector), as a
+    # member's does: never decided on a subset estimate (fitness.subset).
+    sets_bar: bool = False
 
 
 @dataclass(frozen=True)

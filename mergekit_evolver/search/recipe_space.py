@@ -141,7 +141,7 @@ class RecipeSpaceSearch(NoInputs):
         if isinstance(self.optimizer, VectorDE) and not trial.initial:
             bar = float(self.optimizer.fit[trial.slot])
         return RecipeTrial(
-            bar=bar, bar_strict=False,
+            bar=bar, bar_strict=False, sets_bar=isinstance(self.optimizer, VectorDE),
             step=f"search/e{k:04d}", generation=self.generation, role="search", slot=trial.slot,
             recipe=self.genome.recipe(trial.x), operator=self.operator, seed=self.seed,
             F=None if trial.initial else trial.F, CR=None if trial.initial else trial.CR,

@@ -62,12 +62,9 @@ def job_of(loop, proposal: Proposal, texts: dict, text: Optional[str] = None) ->
     if proposal.score_in is not None:
         score_in = json.dumps(loop._resolve(proposal.score_in, CANDIDATE), sort_keys=True, default=str)
         scored_identity = loop.identity(proposal.score_in, identity)
-    bar = loop.bar(proposal)
     return Job(
         step=proposal.step, text=text, identity=identity, scored_identity=scored_identity, score_in=score_in,
-        bar=None if bar is None else bar.value, bar_strict=True if bar is None else bar.strict,
-        reference=None if bar is None else bar.reference,
-        hold=proposal.child is not None,
+        bar=loop.bar(proposal), order=loop.run.dev.order, hold=proposal.child is not None,
     )
 
 

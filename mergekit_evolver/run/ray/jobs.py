@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mergekit_evolver.scoring.racing import Reference
+from mergekit_evolver.scoring.racing import Bar, Order
 
 OK = "ok"
 NON_FINITE = "non_finite"
@@ -29,9 +29,8 @@ class Job:
     # JSON with the candidate still named CANDIDATE (each worker serves it
     # from its own memory slot).
     score_in: Optional[str] = None
-    bar: Optional[float] = None
-    bar_strict: bool = True
-    reference: Optional[Reference] = None  # whom statistical racing pairs it with
+    bar: Optional[Bar] = None  # what racing stops it against, with statistical racing's reference
+    order: Optional[Order] = None  # the dev documents' racing order (None: the seeded one)
     # The candidate may be kept: its worker holds its weights (one it
     # streamed into its resident model: its recipe, merged again to be
     # written) until the driver says to write or drop them.
@@ -40,8 +39,8 @@ class Job:
     @property
     def key(self) -> tuple:
         return (
-            self.step, self.text, self.identity, self.scored_identity, self.score_in, self.bar, self.bar_strict,
-            self.reference, self.hold,
+            self.step, self.text, self.identity, self.scored_identity, self.score_in, self.bar, self.order,
+            self.hold,
         )
 
 

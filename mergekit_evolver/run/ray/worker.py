@@ -118,6 +118,7 @@ class Worker:
         from mergekit_evolver.population.store import read_from_files
 
         start = time.perf_counter()
+        self.suite.race_in(job.order)
         recipe = MergeConfiguration.model_validate(yaml.safe_load(job.text))
         read_from_files(recipe.referenced_models())
         if job.score_in is None and job.scored_identity is not None:
@@ -132,7 +133,7 @@ class Worker:
             start = time.perf_counter()
             scored_state = self._merged_with(state, job)
             merge_s += time.perf_counter() - start
-        scored = self.evaluator.score(scored_state, self.suite, scored_digest, self._bar(job))
+        scored = self.evaluator.score(scored_state, self.suite, scored_digest, job.bar)
         return self._reply(job, scored, digest, merge_s), state
 
     def _streamed(self, job: Job, recipe, start: float) -> tuple[Reply, Any]:
@@ -151,14 +152,8 @@ class Worker:
         if streamed.non_finite is not None:
             return Reply(job.step, job.key, NON_FINITE, self.index, content_hash=job.identity,
                          non_finite=streamed.non_finite, merge_s=merge_s), None
-        scored = self.evaluator.score(None, self.suite, job.scored_identity, self._bar(job))
+        scored = self.evaluator.score(None, self.suite, job.scored_identity, job.bar)
         return self._reply(job, scored, job.identity, merge_s), recipe
-
-    @staticmethod
-    def _bar(job: Job):
-        from mergekit_evolver.scoring.racing import Bar
-
-        return None if job.bar is None else Bar(job.bar, job.bar_strict, job.reference)
 
     def _reply(self, job: Job, scored, digest: Optional[str], merge_s: float) -> Reply:
         fitness = self.suite.fitness(scored.scores) if scored.complete else scored.best
