@@ -73,13 +73,15 @@ def fitness_function(spec: str) -> Callable[..., Any]:
 
 
 class RacingConfig(Strict):
-    """Racing (scoring/racing.py): a candidate is scored in `rounds` seeded
-    chunks of each task's documents and stopped once it cannot pass its bar.
+    """Racing (scoring/racing.py): a candidate is scored in `rounds` chunks
+    of each task's documents and stopped once it cannot pass its bar.
     `exact` stops only when no remaining documents could lift it over the bar,
-    so it makes the decisions full scoring makes; `off` scores every candidate
-    in full, in the same rounds. `statistical` stops once the bar is out of
-    reach with probability `confidence` (a Hoeffding-Serfling bound per task,
-    union-bounded over the tasks): cheaper, and some decisions may differ."""
+    so it makes the decisions full scoring makes, and takes the documents the
+    initial members did worst on first; `off` scores every candidate in full,
+    in the same rounds. `statistical` stops once the bar is out of reach with
+    probability `confidence` (a paired test against the bar's reference, else
+    a Hoeffding-Serfling bound per task), on documents in a seeded random
+    order: cheaper, and some decisions may differ."""
 
     mode: Literal["exact", "off", "statistical"] = "exact"
     rounds: int = Field(4, ge=1)
